@@ -1,0 +1,117 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B), with hooks for class and spatial conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffjax.models.layers import (
+    AttentionBlock,
+    Conv,
+    Downsample,
+    ResBlock,
+    Upsample,
+    zero_init,
+    timestep_embedding,
+)
+
+Array = jnp.ndarray
+
+
+class UNet(nn.Module):
+    """ε/x_0/v-prediction U-Net with equal encoder and decoder levels.
+
+    Attributes:
+      base_channels: channels of the first level; level i has base_channels * channel_mults[i].
+      channel_mults: one multiplier per level; the image is halved between levels.
+      num_res_blocks: residual blocks per encoder level (the decoder has one more per level).
+      attention_resolutions: spatial sizes (e.g. (16,)) at which self-attention follows each block.
+      mid_attention: self-attention between the two middle residual blocks.
+      head_dim: channels per attention head; None = one head over all channels (DDPM).
+      dropout: dropout rate inside residual blocks (active when train=True).
+      num_groups, norm_eps: GroupNorm settings.
+      out_channels: output channels; None = the channels of x (2x that for learned variances).
+      num_classes: >0 adds a class embedding to the time embedding; label `num_classes` is the
+        reserved "no label" class (for classifier-free guidance).
+      dtype, param_dtype: compute and parameter dtypes.
+    """
+
+    base_channels: int = 128
+    channel_mults: Sequence[int] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: Sequence[int] = (16,)
+    mid_attention: bool = True
+    head_dim: int | None = None
+    dropout: float = 0.1
+    num_groups: int = 32
+    norm_eps: float = 1e-6
+    out_channels: int | None = None
+    num_classes: int = 0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, t: Array, *, label: Array | None = None,
+                 concat: Array | None = None, context: Array | None = None,
+                 train: bool = False) -> Array:
+        """Predicts the target for a noisy batch.
+
+        Args:
+          x: x_t [B, H, W, C].
+          t: timesteps [B] int32 (or float, for continuous time).
+          label: class labels [B] int32, when num_classes > 0.
+          concat: spatial conditions [B, H, W, C'] concatenated to x along channels.
+          context: a sequence [B, L, D] for cross-attention (not yet supported).
+          train: enables dropout (needs a 'dropout' rng).
+
+        Returns:
+          [B, H, W, out_channels] in float32.
+        """
+        if context is not None:
+            raise NotImplementedError("cross-attention on a context sequence is not built yet")
+        out_channels = self.out_channels or x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        block_kw = dict(num_groups=self.num_groups, norm_eps=self.norm_eps, **kw)
+        attn = lambda h: AttentionBlock(self.head_dim, **block_kw)(h)
+        res = lambda h, ch: ResBlock(ch, self.dropout, **block_kw)(h, temb, train)
+
+        temb_dim = 4 * self.base_channels
+        temb = timestep_embedding(t, self.base_channels)
+        temb = nn.Dense(temb_dim, **kw)(nn.silu(nn.Dense(temb_dim, **kw)(temb)))
+        if self.num_classes:
+            if label is None:
+                raise ValueError("this UNet has num_classes > 0: pass label=[B] int32")
+            temb = temb + nn.Embed(self.num_classes + 1, temb_dim, **kw)(label)
+        if concat is not None:
+            x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
+
+        h = Conv(self.base_channels, **kw)(x)
+        skips = [h]
+        for level, mult in enumerate(self.channel_mults):
+            for _ in range(self.num_res_blocks):
+                h = res(h, self.base_channels * mult)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn(h)
+                skips.append(h)
+            if level != len(self.channel_mults) - 1:
+                h = Downsample(**kw)(h)
+                skips.append(h)
+
+        h = res(h, h.shape[-1])
+        if self.mid_attention:
+            h = attn(h)
+        h = res(h, h.shape[-1])
+
+        for level, mult in reversed(list(enumerate(self.channel_mults))):
+            for _ in range(self.num_res_blocks + 1):
+                h = res(jnp.concatenate([h, skips.pop()], axis=-1), self.base_channels * mult)
+                if h.shape[1] in self.attention_resolutions:
+                    h = attn(h)
+            if level != 0:
+                h = Upsample(**kw)(h)
+
+        h = nn.silu(nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, **kw)(h))
+        h = Conv(out_channels, kernel_init=zero_init(), **kw)(h)
+        return h.astype(jnp.float32)

@@ -1,0 +1,197 @@
+"""Noise schedules as pytrees, and the closed-form forward process and posterior."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jnp.ndarray
+
+
+# --- β sequences, computed in float64 NumPy ------------------------------------------------------
+
+
+def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """DDPM (Ho et al. 2020, §4): β linear from 1e-4 to 0.02 over T = 1000 steps.
+
+    The endpoints are given for T = 1000 and rescaled by 1000 / T so that other T keep the same
+    total amount of noise (Improved DDPM, Nichol & Dhariwal 2021, footnote to §3.2).
+    """
+    scale = 1000.0 / num_steps
+    return np.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=np.float64)
+
+
+def _betas_from_alpha_bar(alpha_bar: Callable[[np.ndarray], np.ndarray], num_steps: int,
+                          max_beta: float) -> np.ndarray:
+    # β_t = 1 - ᾱ(t/T) / ᾱ((t-1)/T), clipped to avoid a singularity at t = T (Improved DDPM eq. 17).
+    t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
+    a = alpha_bar(t)
+    return np.minimum(1.0 - a[1:] / a[:-1], max_beta)
+
+
+def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Improved DDPM eq. 17: ᾱ(t) = f(t)/f(0), f(t) = cos²((t/T + s)/(1 + s) · π/2)."""
+    f = lambda u: np.cos((u + s) / (1.0 + s) * math.pi / 2.0) ** 2
+    return _betas_from_alpha_bar(lambda u: f(u) / f(0.0), num_steps, max_beta)
+
+
+def scaled_linear_betas(num_steps: int, beta_start: float = 0.00085,
+                        beta_end: float = 0.012) -> np.ndarray:
+    """Latent diffusion (Rombach et al. 2022): √β linear between √0.00085 and √0.012."""
+    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
+
+
+def sigmoid_betas(num_steps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
+                  max_beta: float = 0.999) -> np.ndarray:
+    """Sigmoid ᾱ schedule (Chen 2023, "On the importance of noise scheduling", Algorithm 1)."""
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
+    v_start, v_end = sig(start / tau), sig(end / tau)
+    alpha_bar = lambda u: (v_end - sig((u * (end - start) + start) / tau)) / (v_end - v_start)
+    return _betas_from_alpha_bar(alpha_bar, num_steps, max_beta)
+
+
+SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
+    "linear": linear_betas,
+    "cosine": cosine_betas,
+    "scaled_linear": scaled_linear_betas,
+    "sigmoid": sigmoid_betas,
+}
+
+
+# --- the schedule pytree ---------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Schedule:
+    """Every per-step quantity of a discrete schedule, each an array [T] indexed by t = 0 … T-1.
+
+    Index t here is the paper's step t + 1: x_t below means the latent after t + 1 noising steps,
+    so `alpha_bar[0] = 1 - β_1` and `alpha_bar[T-1] = ᾱ_T`.
+    """
+
+    betas: Array
+    alphas: Array
+    alpha_bar: Array
+    alpha_bar_prev: Array
+    sqrt_alpha_bar: Array
+    sqrt_one_minus_alpha_bar: Array
+    log_snr: Array  # log(ᾱ / (1 - ᾱ)), VDM (Kingma et al. 2021) eq. 3.
+    posterior_variance: Array  # β̃_t, DDPM eq. 7.
+    posterior_log_variance_clipped: Array  # log β̃_t with β̃_1 replaced by β̃_2 (β̃_1 = 0).
+    posterior_mean_coef_x0: Array  # DDPM eq. 7, coefficient of x_0.
+    posterior_mean_coef_xt: Array  # DDPM eq. 7, coefficient of x_t.
+
+    @property
+    def num_steps(self) -> int:
+        return self.betas.shape[0]
+
+
+def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
+    """Derives every schedule quantity from β in float64, then casts to `dtype`."""
+    betas = np.asarray(betas, dtype=np.float64)
+    if betas.ndim != 1 or np.any(betas <= 0) or np.any(betas >= 1):
+        raise ValueError("betas must be a 1-D sequence with 0 < β < 1")
+    alphas = 1.0 - betas
+    alpha_bar = np.cumprod(alphas)
+    alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
+    post_var = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas)
+    fields = dict(
+        betas=betas,
+        alphas=alphas,
+        alpha_bar=alpha_bar,
+        alpha_bar_prev=alpha_bar_prev,
+        sqrt_alpha_bar=np.sqrt(alpha_bar),
+        sqrt_one_minus_alpha_bar=np.sqrt(1.0 - alpha_bar),
+        log_snr=np.log(alpha_bar) - np.log1p(-alpha_bar),
+        posterior_variance=post_var,
+        posterior_log_variance_clipped=post_log_var,
+        posterior_mean_coef_x0=betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar),
+        posterior_mean_coef_xt=(1.0 - alpha_bar_prev) * np.sqrt(alphas) / (1.0 - alpha_bar),
+    )
+    return Schedule(**{k: jnp.asarray(v, dtype=dtype) for k, v in fields.items()})
+
+
+def make_schedule(name: str, num_steps: int = 1000, dtype=jnp.float32, **kwargs) -> Schedule:
+    """Builds a named schedule ("linear", "cosine", "scaled_linear", "sigmoid")."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be at least 2, got {num_steps}")
+    return schedule_from_betas(SCHEDULES[name](num_steps, **kwargs), dtype)
+
+
+# --- the forward process, the posterior and the parameterizations --------------------------------
+
+
+def extract(values: Array, t: Array, ndim: int) -> Array:
+    """values[t] for t: [B], reshaped to [B, 1, …, 1] to broadcast against an ndim-array."""
+    return values[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def q_mean_variance(s: Schedule, x0: Array, t: Array) -> tuple[Array, Array]:
+    """q(x_t | x_0) = N(√ᾱ_t x_0, (1 - ᾱ_t) I), DDPM eq. 4. Returns (mean, variance)."""
+    return extract(s.sqrt_alpha_bar, t, x0.ndim) * x0, extract(1.0 - s.alpha_bar, t, x0.ndim)
+
+
+def q_sample(s: Schedule, x0: Array, t: Array, noise: Array) -> Array:
+    """Draws x_t ~ q(x_t | x_0) in closed form: √ᾱ_t x_0 + √(1 - ᾱ_t) ε (DDPM eq. 4)."""
+    return (extract(s.sqrt_alpha_bar, t, x0.ndim) * x0
+            + extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise)
+
+
+def q_posterior(s: Schedule, x0: Array, x_t: Array, t: Array) -> tuple[Array, Array, Array]:
+    """q(x_{t-1} | x_t, x_0), DDPM eqs. 6-7. Returns (mean, variance, clipped log-variance)."""
+    mean = (extract(s.posterior_mean_coef_x0, t, x_t.ndim) * x0
+            + extract(s.posterior_mean_coef_xt, t, x_t.ndim) * x_t)
+    return (mean, extract(s.posterior_variance, t, x_t.ndim),
+            extract(s.posterior_log_variance_clipped, t, x_t.ndim))
+
+
+def x0_from_eps(s: Schedule, x_t: Array, t: Array, eps: Array) -> Array:
+    """x_0 = (x_t - √(1 - ᾱ_t) ε) / √ᾱ_t, inverting DDPM eq. 4."""
+    return (x_t - extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * eps) / extract(
+        s.sqrt_alpha_bar, t, x_t.ndim)
+
+
+def eps_from_x0(s: Schedule, x_t: Array, t: Array, x0: Array) -> Array:
+    """ε = (x_t - √ᾱ_t x_0) / √(1 - ᾱ_t)."""
+    return (x_t - extract(s.sqrt_alpha_bar, t, x_t.ndim) * x0) / extract(
+        s.sqrt_one_minus_alpha_bar, t, x_t.ndim)
+
+
+def v_from_x0_eps(s: Schedule, x0: Array, t: Array, eps: Array) -> Array:
+    """v = √ᾱ_t ε - √(1 - ᾱ_t) x_0 (Salimans & Ho 2022, §4)."""
+    return (extract(s.sqrt_alpha_bar, t, x0.ndim) * eps
+            - extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0)
+
+
+def x0_from_v(s: Schedule, x_t: Array, t: Array, v: Array) -> Array:
+    """x_0 = √ᾱ_t x_t - √(1 - ᾱ_t) v (Salimans & Ho 2022, §4; uses ᾱ + (1 - ᾱ) = 1)."""
+    return (extract(s.sqrt_alpha_bar, t, x_t.ndim) * x_t
+            - extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v)
+
+
+def eps_from_v(s: Schedule, x_t: Array, t: Array, v: Array) -> Array:
+    """ε = √(1 - ᾱ_t) x_t + √ᾱ_t v."""
+    return (extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * x_t
+            + extract(s.sqrt_alpha_bar, t, x_t.ndim) * v)
+
+
+PREDICTION_TARGETS = ("eps", "x0", "v")
+
+
+def to_x0_eps(s: Schedule, x_t: Array, t: Array, prediction: Array,
+              target: str) -> tuple[Array, Array]:
+    """Converts a network prediction of `target` ("eps", "x0" or "v") into (x_0, ε)."""
+    if target == "eps":
+        return x0_from_eps(s, x_t, t, prediction), prediction
+    if target == "x0":
+        return prediction, eps_from_x0(s, x_t, t, prediction)
+    if target == "v":
+        return x0_from_v(s, x_t, t, prediction), eps_from_v(s, x_t, t, prediction)
+    raise ValueError(f"unknown prediction target {target!r}; choose one of {PREDICTION_TARGETS}")
