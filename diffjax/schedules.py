@@ -19,10 +19,12 @@ def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.0
     """DDPM (Ho et al. 2020, §4): β linear from 1e-4 to 0.02 over T = 1000 steps.
 
     The endpoints are given for T = 1000 and rescaled by 1000 / T so that other T keep the same
-    total amount of noise (Improved DDPM, Nichol & Dhariwal 2021, footnote to §3.2).
+    total amount of noise (Improved DDPM, Nichol & Dhariwal 2021, footnote to §3.2); for very
+    small T the rescaled β are capped at 0.999.
     """
     scale = 1000.0 / num_steps
-    return np.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=np.float64)
+    betas = np.linspace(scale * beta_start, scale * beta_end, num_steps, dtype=np.float64)
+    return np.minimum(betas, 0.999)
 
 
 def _betas_from_alpha_bar(alpha_bar: Callable[[np.ndarray], np.ndarray], num_steps: int,

@@ -1,0 +1,17 @@
+"""Data input: tfds builders (digits, image folders), one loader for them and the tfds catalog, and
+the grain pipeline that turns a source into sharded, shuffled, checkpointable batches."""
+
+from diffjax.data.digits import Digits
+from diffjax.data.errors import DatasetError
+from diffjax.data.image_folder import ImageFolder
+from diffjax.data.sources import RecordSource, get_builder, load_source, num_classes
+
+__all__ = [
+    "DatasetError",
+    "Digits",
+    "ImageFolder",
+    "RecordSource",
+    "get_builder",
+    "load_source",
+    "num_classes",
+]

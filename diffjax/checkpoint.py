@@ -1,0 +1,95 @@
+"""Orbax checkpoints of the whole train state plus the data iterator's position."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint could be restored."""
+
+
+class Checkpointer:
+    """Saves and restores (train state, data-iterator state) per step, keeping the last K.
+
+    Saves are asynchronous: `save` returns once the arrays are copied off the device; call
+    `wait()` (or `close()`) before reading the files.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.path.expanduser(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_names=("state", "data"))
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps(read=True))
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
+        """Writes `state` (a pytree of arrays) and a JSON-able data-iterator state at `step`."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=ocp.args.JsonSave(data_state or {}))
+        self._manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+        """Restores into the structure, dtypes and shardings of `abstract_state`.
+
+        Args:
+          abstract_state: a pytree of `jax.ShapeDtypeStruct` with shardings (e.g. from
+            `jax.eval_shape` on the state factory).
+          step: a step to restore; None = the newest one that restores cleanly. A newest
+            checkpoint that fails to restore (truncated, corrupt) is reported and skipped in
+            favour of the one before it; it is left on disk for inspection.
+
+        Returns:
+          (state, data_state, step).
+        """
+        steps = self.all_steps()
+        if step is not None:
+            if step not in steps:
+                raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                                      f"available steps: {steps}")
+            candidates = [step]
+        else:
+            candidates = steps[::-1]
+        if not candidates:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        errors = []
+        for s in candidates:
+            try:
+                out = self._manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                _check_finite(out["state"], s)
+                return out["state"], dict(out["data"] or {}), s
+            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable.
+                errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
+                logging.warning("checkpoint at step %d in %s cannot be restored (%s); %s", s,
+                                self.directory, e.__class__.__name__,
+                                "trying the previous one" if s != candidates[-1] else "none left")
+        raise CheckpointError(
+            f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(errors)
+            + "\nMove the damaged step folders away, or start from a fresh --workdir.")
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def _check_finite(state: Any, step: int) -> None:
+    for leaf in jax.tree.leaves(state):
+        if np.issubdtype(leaf.dtype, np.floating) and not bool(jax.numpy.isfinite(leaf).all()):
+            raise CheckpointError(f"checkpoint at step {step} holds non-finite values")

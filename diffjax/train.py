@@ -1,0 +1,470 @@
+"""TrainState, the compiled train/eval/sample steps, and the loops of the three modes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from diffjax import checkpoint, data, image_io, losses, samplers, schedules, sharding
+from diffjax.models.unet import UNet
+
+Array = jnp.ndarray
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+
+
+# --- construction from explicit arguments --------------------------------------------------------
+
+
+def make_optimizer(lr: float, warmup_steps: int, weight_decay: float, b1: float, b2: float,
+                   grad_clip: float) -> optax.GradientTransformation:
+    """AdamW with linear warm-up to a constant rate, after global-norm gradient clipping."""
+    schedule = optax.linear_schedule(0.0, lr, max(1, warmup_steps))
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    return optax.chain(*parts)
+
+
+def make_denoise_fn(model: UNet, params: Any, label: Array | None = None, *, train: bool = False,
+                    dropout_key: Array | None = None) -> Callable[[Array, Array], Array]:
+    """The one callable where the network meets the math: (x_t, t) -> prediction."""
+    rngs = {"dropout": dropout_key} if train else None
+    return lambda x_t, t: model.apply({"params": params}, x_t, t, label=label, train=train,
+                                      rngs=rngs)
+
+
+def _dummy_inputs(model: UNet, image_shape: tuple[int, ...]):
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    label = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+    return x, jnp.zeros((1,), jnp.int32), label
+
+
+def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Parameters, optimizer state and EMA replicated over the mesh."""
+    return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+
+
+def make_init_fn(model: UNet, tx: optax.GradientTransformation,
+                 image_shape: tuple[int, ...]) -> Callable[[Array], TrainState]:
+    def init(key):
+        x, t, label = _dummy_inputs(model, image_shape)
+        params = model.init(key, x, t, label=label)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), ema_params=params)
+    return init
+
+
+def create_train_state(model: UNet, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...], key: Array,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+    """Initialises the state under jit, so every leaf is a global array with its sharding."""
+    init = make_init_fn(model, tx, image_shape)
+    shardings = state_shardings(jax.eval_shape(init, key), mesh)
+    return jax.jit(init, out_shardings=shardings)(key)
+
+
+def abstract_train_state(model: UNet, tx: optax.GradientTransformation,
+                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
+    init = make_init_fn(model, tx, image_shape)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, state_shardings(abstract, mesh))
+
+
+def ema_decay_at(step: Array, decay: float) -> Array:
+    """EMA decay with warm-up, min(decay, (1 + n) / (10 + n)), so early averages track the model."""
+    n = step.astype(jnp.float32)
+    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+
+
+def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, abstract_state: TrainState, *, target: str = "eps",
+                    ema_decay: float = 0.9999):
+    """Builds the compiled step `(state, batch, key) -> (state, metrics)`.
+
+    The batch is split over the mesh's data axis, the state is replicated and donated; the step's
+    randomness is `fold_in(key, state.step)`, so a resumed run draws the same keys.
+    """
+    def step(state: TrainState, batch: dict, key: Array):
+        loss_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
+        label = batch["label"] if model.num_classes else None
+
+        def loss_fn(params):
+            denoise = make_denoise_fn(model, params, label, train=True, dropout_key=dropout_key)
+            return jnp.mean(losses.simple_loss(schedule, denoise, batch["image"], loss_key,
+                                               target))
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        d = ema_decay_at(state.step, ema_decay)
+        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        new_state = TrainState(state.step + 1, params, opt_state, ema)
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
+                   donate_argnums=0)
+
+
+def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
+                   target: str = "eps"):
+    """Compiled `(params, batch, key) -> per-example loss [B]` on a batch split over the mesh."""
+    def step(params, batch, key):
+        label = batch["label"] if model.num_classes else None
+        return losses.simple_loss(schedule, make_denoise_fn(model, params, label),
+                                  batch["image"], key, target)
+
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(rep, batch_sh, rep), out_shardings=batch_sh)
+
+
+def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh,
+                   shape: tuple[int, ...], *, sampler: str = "ddpm", target: str = "eps",
+                   **sampler_kwargs):
+    """Compiled `(params, key) -> samples [B, H, W, C]`: the whole chain, batch split over devices.
+
+    Labels for class-conditional models are drawn uniformly from `key`.
+    """
+    def sample(params, key):
+        noise_key, label_key, loop_key = jax.random.split(key, 3)
+        x_T = jax.random.normal(noise_key, shape, jnp.float32)
+        x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharded(mesh))
+        label = (jax.random.randint(label_key, shape[:1], 0, model.num_classes)
+                 if model.num_classes else None)
+        return samplers.SAMPLERS[sampler](make_denoise_fn(model, params, label), schedule, x_T,
+                                          loop_key, target=target, **sampler_kwargs)
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(sample, in_shardings=(rep, rep), out_shardings=sharding.batch_sharded(mesh))
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Rejects a bad configuration before anything is built or compiled, naming the field."""
+    def fail(field, msg):
+        raise ValueError(f"config.{field}: {msg}")
+
+    m, d, tr = config.model, config.data, config.train
+    levels = len(m.channel_mults)
+    if levels < 1:
+        fail("model.channel_mults", "needs at least one level")
+    factor = 2 ** (levels - 1)
+    if d.image_size < 1 or d.image_size % factor:
+        fail("data.image_size", f"{d.image_size} must be a positive multiple of 2^(levels-1) = "
+             f"{factor} for {levels} levels (model.channel_mults={tuple(m.channel_mults)})")
+    if d.channels not in (1, 3):
+        fail("data.channels", f"must be 1 or 3, got {d.channels}")
+    if d.name == "image_folder" and not d.folder:
+        fail("data.folder", "data.name='image_folder' needs the path of your image directory")
+    for ch in {m.base_channels * k for k in m.channel_mults}:
+        if ch % m.num_groups:
+            fail("model.num_groups", f"{m.num_groups} does not divide {ch} channels")
+        if m.head_dim and ch % m.head_dim:
+            fail("model.head_dim", f"{m.head_dim} does not divide {ch} channels")
+    sizes = {d.image_size // 2 ** i for i in range(levels)}
+    if set(m.attention_resolutions) - sizes:
+        fail("model.attention_resolutions", f"{tuple(m.attention_resolutions)} names sizes the "
+             f"network never has; its sizes are {sorted(sizes, reverse=True)}")
+    if not 0.0 <= m.dropout < 1.0:
+        fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        fail("model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if config.diffusion.schedule not in schedules.SCHEDULES:
+        fail("diffusion.schedule", f"unknown {config.diffusion.schedule!r}; choose one of "
+             f"{sorted(schedules.SCHEDULES)}")
+    if config.diffusion.num_steps < 2:
+        fail("diffusion.num_steps", "must be at least 2")
+    if config.diffusion.target not in schedules.PREDICTION_TARGETS:
+        fail("diffusion.target", f"unknown {config.diffusion.target!r}; choose one of "
+             f"{schedules.PREDICTION_TARGETS}")
+    if config.sampler.name not in samplers.SAMPLERS:
+        fail("sampler.name", f"unknown {config.sampler.name!r}; choose one of "
+             f"{sorted(samplers.SAMPLERS)}")
+    if config.sampler.variance not in samplers.VARIANCES:
+        fail("sampler.variance", f"unknown {config.sampler.variance!r}; choose one of "
+             f"{samplers.VARIANCES}")
+    n_dev = _mesh_size(config)
+    for field, value in (("train.batch_size", tr.batch_size),
+                         ("train.eval_batch_size", tr.eval_batch_size),
+                         ("sampler.batch_size", config.sampler.batch_size)):
+        if value < 1 or value % n_dev:
+            fail(field, f"{value} must be a positive multiple of the {n_dev} devices of the mesh")
+    if tr.batch_size % jax.process_count():
+        fail("train.batch_size", f"must divide over {jax.process_count()} processes")
+    for field in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
+        if tr[field] < 0:
+            fail(f"train.{field}", "must be >= 0")
+    if not 0.0 <= config.optim.ema_decay < 1.0:
+        fail("optim.ema_decay", f"must be in [0, 1), got {config.optim.ema_decay}")
+    if config.optim.lr <= 0:
+        fail("optim.lr", "must be > 0")
+
+
+def _mesh_size(config) -> int:
+    n = jax.device_count()
+    if config.mesh.data != -1 and not 1 <= config.mesh.data <= n:
+        raise ValueError(f"config.mesh.data: {config.mesh.data} must be -1 (all devices) or "
+                         f"between 1 and {n}")
+    return n if config.mesh.data == -1 else config.mesh.data
+
+
+def _model(config) -> UNet:
+    kw = config.model.to_dict()
+    kw["dtype"] = jnp.dtype(kw.pop("dtype"))
+    kw["attention_resolutions"] = tuple(kw["attention_resolutions"])
+    kw["channel_mults"] = tuple(kw["channel_mults"])
+    return UNet(**kw)
+
+
+def _optimizer(config) -> optax.GradientTransformation:
+    o = config.optim
+    return make_optimizer(o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.grad_clip)
+
+
+def _schedule(config) -> schedules.Schedule:
+    return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+
+
+def _source(config, split: str):
+    d = config.data
+    return data.load_source(d.name, split, d.data_dir, folder=d.folder or None)
+
+
+class _Setup:
+    """Everything the three modes share, built from the config (main/train only read configs)."""
+
+    def __init__(self, config):
+        check_config(config)
+        self.config = config
+        self.mesh = sharding.make_mesh(config.mesh.data)
+        self.model = _model(config)
+        self.tx = _optimizer(config)
+        self.schedule = _schedule(config)
+        d = config.data
+        self.image_shape = (d.image_size, d.image_size, d.channels)
+        root = jax.random.key(config.seed)
+        self.init_key, self.train_key, self.sample_key, self.eval_key = jax.random.split(root, 4)
+        self.abstract_state = abstract_train_state(self.model, self.tx, self.image_shape,
+                                                   self.mesh)
+
+    def sample_fn(self, batch_size: int):
+        s = self.config.sampler
+        return make_sample_fn(self.model, self.schedule, self.mesh, (batch_size,
+                              *self.image_shape), sampler=s.name,
+                              target=self.config.diffusion.target, variance=s.variance,
+                              clip_x0=s.clip_x0)
+
+
+# --- logging ------------------------------------------------------------------------------------
+
+
+class MetricWriter:
+    """Scalars to TensorBoard event files and to `metrics.jsonl` in the workdir (process 0)."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.active:
+            return
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, v, step)
+        self._file.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self.active:
+            self._tb.close()
+            self._file.close()
+
+
+def _check_finite(pending: list[tuple[int, Array]], last_saved: int | None) -> list[float]:
+    values = [float(v) for _, v in pending]
+    for (s, _), v in zip(pending, values, strict=True):
+        if not math.isfinite(v):
+            kept = (f"the last good checkpoint (step {last_saved}) is intact"
+                    if last_saved is not None else "no checkpoint was written")
+            raise NonFiniteLossError(
+                f"loss is {v} at step {s}; training stopped and {kept}. Lower optim.lr, "
+                f"raise optim.warmup_steps or set optim.grad_clip, then resume.")
+    return values
+
+
+def _write_samples(setup: _Setup, params, num: int, key, path: str,
+                   progress: bool = False) -> np.ndarray:
+    """Draws `num` samples with `params`; writes a PNG grid and an .npz (`images`) beside it."""
+    bs = setup.config.sampler.batch_size
+    fn = setup.sample_fn(bs)
+    batches = range(math.ceil(num / bs))
+    if progress:
+        batches = tqdm.tqdm(batches, unit="batch", disable=jax.process_index() != 0,
+                            desc=f"sampling ({setup.config.sampler.name}, "
+                                 f"{setup.schedule.num_steps} steps per batch of {bs})")
+    images = np.concatenate([np.asarray(fn(params, jax.random.fold_in(key, i)))
+                             for i in batches])[:num]
+    if jax.process_index() == 0:
+        image_io.save_grid(images, path)
+        np.savez_compressed(os.path.splitext(path)[0] + ".npz", images=images)
+    return images
+
+
+# --- the three modes ----------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from the workdir's newest checkpoint), logs, samples and checkpoints."""
+    setup = _Setup(config)
+    tr = config.train
+    d = config.data
+    train_iter = data.make_train_iterator(
+        _source(config, d.train_split), image_size=d.image_size, channels=d.channels,
+        global_batch=tr.batch_size, seed=config.seed, random_flip=d.random_flip,
+        worker_count=d.worker_count)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tr.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        state, data_state, last_saved = ckpt.restore(setup.abstract_state)
+        train_iter.set_state(data_state["train_iter"])
+        logging.info("resumed from step %d in %s", last_saved, ckpt.directory)
+    else:
+        state = create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
+                                   setup.mesh)
+        last_saved = None
+    train_step = make_train_step(setup.model, setup.schedule, setup.tx, setup.mesh,
+                                 setup.abstract_state, target=config.diffusion.target,
+                                 ema_decay=config.optim.ema_decay)
+    writer = MetricWriter(workdir)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
+    step = int(state.step)
+    bar = tqdm.tqdm(total=tr.num_steps, initial=step, desc="train", unit="step",
+                    disable=jax.process_index() != 0, dynamic_ncols=True)
+    pending, t0, healthy = [], time.perf_counter(), False
+
+    def at(every):
+        return every and step % every == 0
+
+    def save(s):
+        nonlocal last_saved
+        ckpt.save(s, state, {"train_iter": train_iter.get_state()})
+        last_saved = s
+
+    try:
+        while step < tr.num_steps and stop["signal"] is None:
+            batch = sharding.global_batch(next(train_iter), setup.mesh)
+            state, metrics = train_step(state, batch, setup.train_key)
+            step += 1
+            pending.append((step, metrics["loss"]))
+            bar.update(1)
+            if at(tr.log_every_steps) or step == tr.num_steps:
+                values = _check_finite(pending, last_saved)
+                rate = len(pending) / (time.perf_counter() - t0)
+                writer.write(step, {"train/loss": float(np.mean(values)),
+                                    "train/grad_norm": float(metrics["grad_norm"]),
+                                    "train/steps_per_s": rate})
+                bar.set_postfix(loss=f"{np.mean(values):.4f}")
+                pending, t0 = [], time.perf_counter()
+            if at(tr.checkpoint_every_steps):
+                _check_finite(pending, last_saved)
+                save(step)
+            if at(tr.sample_every_steps):
+                _write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
+                               os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+        healthy = True
+    except KeyboardInterrupt:
+        logging.warning("interrupted at step %d: writing a final checkpoint", step)
+        healthy = True
+    finally:
+        bar.close()
+        signal.signal(signal.SIGTERM, previous)
+        if healthy:
+            _check_finite(pending, last_saved)
+            if last_saved != step:
+                save(step)
+        ckpt.close()
+        writer.close()
+    if stop["signal"] is not None:
+        logging.warning("stopped by signal %s at step %d; checkpoint written", stop["signal"],
+                        step)
+    return state
+
+
+def _restore_for_inference(setup: _Setup, workdir: str, step: int | None):
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
+    try:
+        state, _, restored = ckpt.restore(setup.abstract_state, step)
+    finally:
+        ckpt.close()
+    return state, restored
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
+           num_samples: int | None = None) -> str:
+    """Samples from a checkpoint's EMA parameters; writes `samples/sample_<step>.png` and `.npz`."""
+    setup = _Setup(config)
+    state, restored = _restore_for_inference(setup, workdir, step)
+    num = num_samples or config.train.num_samples
+    path = os.path.join(workdir, "samples", f"sample_{restored:07d}.png")
+    _write_samples(setup, state.ema_params, num, setup.sample_key, path, progress=True)
+    logging.info("wrote %d samples from step %d to %s", num, restored, path)
+    return path
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
+    """The mean simple loss of the EMA parameters over the whole test split."""
+    setup = _Setup(config)
+    state, restored = _restore_for_inference(setup, workdir, step)
+    d = config.data
+    eval_iter = data.make_eval_iterator(_source(config, d.eval_split), image_size=d.image_size,
+                                        channels=d.channels,
+                                        batch_size=config.train.eval_batch_size)
+    eval_step = make_eval_step(setup.model, setup.schedule, setup.mesh,
+                               target=config.diffusion.target)
+    total, count = 0.0, 0
+    for i, batch in enumerate(tqdm.tqdm(eval_iter, desc="eval", unit="batch",
+                                        disable=jax.process_index() != 0)):
+        mask = batch.pop("mask")
+        loss = eval_step(state.ema_params, sharding.global_batch(batch, setup.mesh),
+                         jax.random.fold_in(setup.eval_key, i))
+        total += float(np.sum(np.asarray(loss) * mask))
+        count += int(mask.sum())
+    result = {"step": restored, "eval/loss": total / max(count, 1), "eval/examples": count}
+    writer = MetricWriter(workdir)
+    writer.write(restored, {k: v for k, v in result.items() if k.startswith("eval/")})
+    writer.close()
+    logging.info("eval at step %d: %s", restored, result)
+    return result

@@ -1,0 +1,70 @@
+"""The U-Net: parameter counts of the reference configurations, shapes, conditioning hooks."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax.models.layers import timestep_embedding
+from diffjax.models.unet import UNet
+
+
+def n_params(model, shape, **kw):
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape),
+                                                  jnp.zeros(shape[:1], jnp.int32), **kw))
+    return sum(x.size for x in jax.tree.leaves(variables["params"]))
+
+
+def test_ddpm_cifar10_parameter_count():
+    # DDPM's CIFAR-10 network; diffusers' UNet2DModel of the same design has 35,746,307.
+    assert n_params(UNet(), (1, 32, 32, 3)) == 35_746_307
+
+
+def test_small_benchmark_network_parameter_count():
+    model = UNet(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
+                 attention_resolutions=(8,), head_dim=8, dropout=0.0)
+    assert n_params(model, (1, 16, 16, 1)) == 1_112_801  # diffusers' count for this design
+
+
+def test_timestep_embedding_formula():
+    t = jnp.array([0, 7, 999])
+    emb = np.asarray(timestep_embedding(t, 8))
+    freqs = 10000.0 ** (-np.arange(4) / 3)
+    expected = np.concatenate([np.sin(np.outer(t, freqs)), np.cos(np.outer(t, freqs))], 1)
+    np.testing.assert_allclose(emb, expected, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
+                attention_resolutions=(4,), num_groups=8, dropout=0.1)
+
+
+def test_shapes_conditioning_and_dropout(tiny):
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    t = jnp.array([3, 500])
+    model = UNet(**tiny, num_classes=10, out_channels=6)
+    params = model.init(jax.random.key(1), x, t, label=jnp.array([1, 10]),
+                        concat=jnp.zeros((2, 8, 8, 2)))["params"]
+    out = model.apply({"params": params}, x, t, label=jnp.array([1, 10]),
+                      concat=jnp.ones((2, 8, 8, 2)))
+    assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32
+    # Dropout is active only with train=True, and then depends on the dropout key.
+    kw = dict(label=jnp.array([1, 2]), concat=jnp.ones((2, 8, 8, 2)))
+    ev = [model.apply({"params": params}, x, t, **kw) for _ in range(2)]
+    np.testing.assert_array_equal(ev[0], ev[1])
+    with pytest.raises(ValueError, match="num_classes"):
+        model.apply({"params": params}, x, t, concat=jnp.ones((2, 8, 8, 2)))
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny):
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+    t = jnp.array([3, 500])
+    model = UNet(**tiny, dtype=jnp.bfloat16)
+    params = model.init(jax.random.key(1), x, t)["params"]
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    out32 = UNet(**tiny).apply({"params": params}, x, t)
+    out16 = model.apply({"params": params}, x, t)
+    assert out16.dtype == jnp.float32
+    assert np.isfinite(np.asarray(out16)).all()
+    np.testing.assert_allclose(out16, out32, atol=0.05 * float(jnp.abs(out32).max()) + 1e-3)
