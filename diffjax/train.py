@@ -256,7 +256,8 @@ def _schedule(config) -> schedules.Schedule:
 
 def _source(config, split: str):
     d = config.data
-    return data.load_source(d.name, split, d.data_dir, folder=d.folder or None)
+    data_dir = d.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return data.load_source(d.name, split, os.path.expanduser(data_dir), folder=d.folder or None)
 
 
 class _Setup:

@@ -4,6 +4,12 @@ the grain pipeline that turns a source into sharded, shuffled, checkpointable ba
 from diffjax.data.digits import Digits
 from diffjax.data.errors import DatasetError
 from diffjax.data.image_folder import ImageFolder
+from diffjax.data.pipeline import (
+    TrainIterator,
+    make_eval_iterator,
+    make_train_iterator,
+    preprocess_image,
+)
 from diffjax.data.sources import RecordSource, get_builder, load_source, num_classes
 
 __all__ = [
@@ -11,7 +17,11 @@ __all__ = [
     "Digits",
     "ImageFolder",
     "RecordSource",
+    "TrainIterator",
     "get_builder",
     "load_source",
+    "make_eval_iterator",
+    "make_train_iterator",
     "num_classes",
+    "preprocess_image",
 ]

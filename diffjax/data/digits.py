@@ -1,4 +1,4 @@
-"""TFDS builder `digits`: scikit-learn's bundled 8x8 handwritten digits, prepared offline without TF."""
+"""TFDS builder `digits`: scikit-learn's bundled 8x8 handwritten digits, prepared offline."""
 
 import io
 
@@ -37,12 +37,12 @@ def split_indices(labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Scales 0..16 to 0..255 as round-half-up(v * 255 / 16); exact to invert with round(u * 16 / 255)."""
+    """Scales 0..16 to 0..255 as round-half-up(v * 255 / 16); round(u * 16 / 255) inverts it."""
     return np.floor(images * (255 / _MAX_VALUE) + 0.5).astype(np.uint8)
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """Encodes a [H, W, 1] or [H, W, 3] uint8 array as PNG bytes (so preparing needs no TensorFlow)."""
+    """Encodes a [H, W, 1] or [H, W, 3] uint8 array as PNG (so preparing needs no TensorFlow)."""
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
@@ -52,7 +52,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 class Digits(tfds.core.GeneratorBasedBuilder):
     """The 1797 8x8 digits of `sklearn.datasets.load_digits`, scaled to uint8, 10 classes.
 
-    Splits: 'train' (1497) and 'test' (300), stratified as `split_indices` describes; examples are
+    Splits: 'train' (1501) and 'test' (296), stratified as `split_indices` describes; examples are
     stored in scikit-learn's order (shuffling disabled), so `split_indices` maps them back.
     """
 

@@ -1,4 +1,4 @@
-"""The one exception the data package raises for problems a user can fix (missing, corrupt, unknown data)."""
+"""The exception the data package raises for problems a user can fix: missing, corrupt, unknown."""
 
 
 class DatasetError(ValueError):

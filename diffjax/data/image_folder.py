@@ -57,7 +57,7 @@ def _images_under(root: str, subdir: str) -> list[str]:
     return sorted(found)
 
 
-def scan(folder: str) -> Listing:
+def scan(folder: str | os.PathLike) -> Listing:
     """Lists the images of `folder`: one class per subfolder, or a single class if flat.
 
     Raises:
@@ -161,7 +161,9 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
 
-    def __init__(self, *, folder: str | None = None, config=None, data_dir=None, version=None):
+    def __init__(
+        self, *, folder: str | os.PathLike | None = None, config=None, data_dir=None, version=None
+    ):
         if config is None:
             if folder is None:
                 raise DatasetError("image_folder needs the folder of images (folder=...).")
@@ -202,7 +204,19 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, indices):
+        unreadable = []  # report every bad file of the split at once, not one per attempt
         for i in indices:
             rel = self.listing.files[i]
-            image = load_png(os.path.join(self.listing.root, rel))
+            try:
+                image = load_png(os.path.join(self.listing.root, rel))
+            except DatasetError as error:
+                unreadable.append(str(error))
+                continue
             yield rel, {"image": image, "label": self.listing.labels[i]}
+        if unreadable:
+            shown = "\n  ".join(unreadable[:20])
+            more = f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""
+            raise DatasetError(
+                f"{len(unreadable)} image(s) under {self.listing.root!r} cannot be read:\n  "
+                f"{shown}{more}"
+            )

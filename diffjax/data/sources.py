@@ -1,7 +1,7 @@
-"""From a dataset name to a random-access source of {'image', 'label'} records, preparing it if needed.
+"""From a dataset name to a random-access source of {'image', 'label'} records, prepared if needed.
 
-Every dataset is read the same way: a tfds builder prepared as array_record in `data_dir`, opened with
-`builder.as_data_source(split)` (random access, decoded with PIL, no TensorFlow). `digits` and
+Every dataset is read the same way: a tfds builder prepared as array_record in `data_dir`, opened
+with `builder.as_data_source(split)` (random access, decoded with PIL, no TensorFlow). `digits` and
 `image_folder` prepare themselves locally; tfds catalog datasets (cifar10, celeb_a, mnist, ...)
 are downloaded and prepared by tfds, which needs TensorFlow (`pip install 'diffjax[prepare]'`), or
 copied into `data_dir` already prepared as array_record.
@@ -23,7 +23,7 @@ _ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 _KNOWN = "'digits', 'image_folder' (with folder=PATH), or any tfds catalog name (e.g. 'cifar10')"
 
 
-def get_builder(name: str, data_dir: str, *, folder: str | None = None):
+def get_builder(name: str, data_dir: str | os.PathLike, *, folder: str | os.PathLike | None = None):
     """The tfds builder of `name` rooted at `data_dir` (nothing is prepared or read yet).
 
     Args:
@@ -75,15 +75,22 @@ def _image_key(info, name: str) -> str:
     raise DatasetError(f"dataset {name!r} has no single top-level image feature: {info.features}")
 
 
-def num_classes(name: str, data_dir: str, *, folder: str | None = None) -> int:
+def num_classes(
+    name: str, data_dir: str | os.PathLike, *, folder: str | os.PathLike | None = None
+) -> int:
     """Number of label classes of a dataset; 1 for datasets without labels (label 0 throughout)."""
     info = get_builder(name, data_dir, folder=folder).info
     key = _label_key(info)
     return info.features[key].num_classes if key else 1
 
 
-def _prepare_command(name: str, data_dir: str, mode: str = "") -> str:
-    config = f", download_config=tfds.download.DownloadConfig(download_mode='{mode}')" if mode else ""
+def _prepare_command(name: str, data_dir: str, regenerate: bool = False) -> str:
+    mode = "tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS"
+    config = (
+        f", download_config=tfds.download.DownloadConfig(download_mode={mode})"
+        if regenerate
+        else ""
+    )
     return (
         'python -c "import tensorflow_datasets as tfds; '
         f"tfds.builder('{name}', data_dir='{data_dir}')"
@@ -96,12 +103,16 @@ def _not_prepared_help(name: str, data_dir: str, builder) -> str:
         f"To prepare it (this downloads it, and tfds needs TensorFlow to encode its images):\n"
         "  pip install 'diffjax[prepare]'   # adds tensorflow-cpu\n"
         f"  {_prepare_command(name, data_dir)}\n"
-        f"or copy a copy prepared as array_record elsewhere into {builder.data_dir}."
+        f"or copy in a dataset prepared as array_record elsewhere, to {builder.data_dir}."
     )
 
 
-def _prepare(builder, name: str, data_dir: str, download: bool) -> None:
-    """Makes sure `builder` has array_record data on disk, preparing it if allowed."""
+def _prepare(builder, name: str, data_dir: str, download: bool):
+    """Makes sure `builder` has array_record data on disk, preparing it if allowed.
+
+    Returns:
+      The builder to read from (a fresh one where an image folder was prepared again).
+    """
     local = isinstance(builder, Digits | ImageFolder)
     stale = isinstance(builder, ImageFolder) and builder.is_stale()
     if builder.is_prepared() and not stale:
@@ -111,22 +122,28 @@ def _prepare(builder, name: str, data_dir: str, download: bool) -> None:
                 f"{builder.info.file_format.value}, but diffjax reads array_record (random access, "
                 "no TensorFlow). Re-prepare it with file_format='array_record' (needs "
                 "`pip install 'diffjax[prepare]'`):\n"
-                f"  {_prepare_command(name, data_dir, 'reuse_cache_if_exists')}\n"
+                f"  {_prepare_command(name, data_dir, regenerate=True)}\n"
                 "or point data_dir at a copy prepared as array_record."
             )
-        return
+        return builder
     if not download:
-        how = "call again with download=True" if local else _not_prepared_help(name, data_dir, builder)
-        raise DatasetError(f"dataset {name!r} is not prepared in {builder.data_dir}. {how}")
+        how = (
+            "Call again with download=True."
+            if local
+            else _not_prepared_help(name, data_dir, builder)
+        )
+        state = "is out of date with its folder" if stale else "is not prepared"
+        raise DatasetError(f"dataset {name!r} {state} in {builder.data_dir}. {how}")
+    if stale:  # our own copy of a changed folder: delete it, then prepare anew
+        builder.data_path.rmtree()
+        builder = ImageFolder(config=builder.builder_config, data_dir=data_dir)
     if local:  # no network and no TensorFlow involved
-        mode = "reuse_cache_if_exists" if stale else None  # regenerate from the changed folder
-        config = tfds.download.DownloadConfig(download_mode=mode) if mode else None
-        builder.download_and_prepare(file_format="array_record", download_config=config)
-        return
+        builder.download_and_prepare(file_format="array_record")
+        return builder
     if importlib.util.find_spec("tensorflow") is None:
         raise DatasetError(
             f"dataset {name!r} is not prepared in {builder.data_dir}, and preparing tfds catalog "
-            f"datasets needs TensorFlow, which is not installed.\n"
+            "datasets needs TensorFlow, which is not installed.\n"
             + _not_prepared_help(name, data_dir, builder)
         )
     try:
@@ -136,6 +153,7 @@ def _prepare(builder, name: str, data_dir: str, download: bool) -> None:
             f"preparing dataset {name!r} in {builder.data_dir} failed "
             f"({type(error).__name__}: {error}).\n" + _not_prepared_help(name, data_dir, builder)
         ) from error
+    return builder
 
 
 class RecordSource:
@@ -167,7 +185,8 @@ class RecordSource:
         return {"image": raw[self._image_key], "label": int(label)}
 
     def _read_error(self, index: int, error: Exception) -> DatasetError:
-        path = self._files[min(int(np.searchsorted(self._ends, index, side="right")), len(self._files) - 1)]
+        shard = int(np.searchsorted(self._ends, index, side="right"))
+        path = self._files[min(shard, len(self._files) - 1)]
         return DatasetError(
             f"cannot read example {index} of dataset {self.name!r} split {self.split!r} from "
             f"{path} ({type(error).__name__}: {error}). The prepared files are corrupt or "
@@ -202,7 +221,12 @@ class RecordSource:
 
 
 def load_source(
-    name: str, split: str, data_dir: str, *, folder: str | None = None, download: bool = True
+    name: str,
+    split: str,
+    data_dir: str | os.PathLike,
+    *,
+    folder: str | os.PathLike | None = None,
+    download: bool = True,
 ) -> RecordSource:
     """Opens one split of a dataset for random access, preparing it first when needed.
 
@@ -222,11 +246,8 @@ def load_source(
       DatasetError: unknown name or split, missing or unpreparable data, corrupt files.
     """
     builder = get_builder(name, data_dir, folder=folder)
-    _prepare(builder, name, os.path.expanduser(data_dir), download)
+    builder = _prepare(builder, name, os.path.expanduser(data_dir), download)
     info = builder.info
-    if isinstance(builder, ImageFolder):
-        builder = ImageFolder(folder=folder, data_dir=os.path.expanduser(data_dir))  # fresh info
-        info = builder.info
     try:
         data_source = builder.as_data_source(split, file_format=_ARRAY_RECORD)
     except (KeyError, ValueError) as error:

@@ -1,0 +1,241 @@
+"""The grain pipeline: records → per-process shard → shuffle → [-1, 1] images → batches, resumable.
+
+A source is any random-access sequence of records {'image': uint8 [H, W, C], 'label': int} (a
+`RecordSource` from `load_source`; 'label' may be absent, then 0). Images are center-cropped to a
+square, resized with PIL bicubic (antialiased when shrinking) to `image_size`, converted to
+`channels` (1: ITU-R 601 luma, 3: gray repeated; alpha dropped) and scaled to float32 [-1, 1].
+"""
+
+import functools
+import math
+
+import grain
+import numpy as np
+from PIL import Image
+
+_READ_THREADS = 4  # threads preparing batches ahead when worker_count == 0
+_PREFETCH_BATCHES = 4  # batches kept ready per process
+_STATE_VERSION = 1
+
+
+def preprocess_image(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+    """Turns one uint8 image into the model's input.
+
+    Args:
+      image: uint8 [H, W, C] (C in 1, 3, 4) or [H, W].
+      image_size: side S of the square output.
+      channels: 1 or 3.
+
+    Returns:
+      float32 [S, S, channels] in [-1, 1].
+    """
+    image = np.asarray(image, np.uint8)
+    image = image[..., None] if image.ndim == 2 else image[..., :3]  # drop alpha
+    height, width = image.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    image = image[top : top + side, left : left + side]
+    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    pil = pil.convert("L" if channels == 1 else "RGB")
+    if side != image_size:
+        pil = pil.resize((image_size, image_size), Image.Resampling.BICUBIC)
+    array = np.asarray(pil, np.float32).reshape(image_size, image_size, channels)
+    return array / 127.5 - 1.0
+
+
+def _example(record, image_size: int, channels: int) -> dict:
+    image = preprocess_image(record["image"], image_size, channels)
+    return {"image": image, "label": np.int32(record.get("label", 0))}
+
+
+def _random_flip(example: dict, rng: np.random.Generator) -> dict:
+    if rng.random() < 0.5:
+        example = {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
+    return example
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax  # only to ask which process this is
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
+    return process_index, process_count
+
+
+def _per_process_batch(global_batch: int, process_count: int) -> int:
+    if global_batch <= 0 or global_batch % process_count:
+        raise ValueError(
+            f"batch size {global_batch} must be a positive multiple of the process count "
+            f"{process_count}."
+        )
+    return global_batch // process_count
+
+
+def _shard(source, process_index: int, process_count: int) -> grain.MapDataset:
+    if len(source) < process_count:
+        raise ValueError(f"{len(source)} examples cannot be shared by {process_count} processes.")
+    return grain.MapDataset.source(source)[process_index::process_count]
+
+
+class TrainIterator:
+    """Endless batches {'image': float32 [b, S, S, C], 'label': int32 [b]}; b = per-process batch.
+
+    Batch n of the stream is a pure function of (source, seed, n), so the state is just n:
+    `get_state()` returns {'version': 1, 'next_batch': n, 'num_examples': N, 'global_batch': B,
+    'process_count': P, 'seed': s}, a JSON-serializable dict that is identical on every process
+    and independent of worker_count. `set_state(state)` continues with batch n. Restoring into a
+    pipeline with other N, B, P or seed is an error (the position would mean other data).
+    """
+
+    def __init__(self, batches: grain.MapDataset, identity: dict, worker_count: int):
+        self._batches = batches
+        self._identity = identity
+        self._worker_count = worker_count
+        self._next_batch = 0
+        self._iterator = None  # started lazily, so set_state before the first batch is free
+
+    def _start(self):
+        batches = self._batches[self._next_batch :] if self._next_batch else self._batches
+        dataset = batches.to_iter_dataset(
+            grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+        )
+        if self._worker_count > 0:
+            options = grain.MultiprocessingOptions(num_workers=self._worker_count)
+            dataset = dataset.mp_prefetch(options)
+        return iter(dataset)
+
+    def __iter__(self) -> "TrainIterator":
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        self._next_batch += 1
+        return batch
+
+    def get_state(self) -> dict:
+        """The position after the last batch returned, as a JSON-serializable dict."""
+        return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._identity}
+
+    def set_state(self, state: dict) -> None:
+        """Continues from `state` (from `get_state`, possibly through a JSON round trip)."""
+        for key, value in {"version": _STATE_VERSION, **self._identity}.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"input pipeline state has {key}={state.get(key)!r}, but this pipeline has "
+                    f"{key}={value!r}: the saved position does not apply to it."
+                )
+        self._next_batch = int(state["next_batch"])
+        self._iterator = None
+
+
+def make_train_iterator(
+    source,
+    *,
+    image_size: int,
+    channels: int,
+    global_batch: int,
+    seed: int,
+    random_flip: bool,
+    worker_count: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
+    """The training stream: this process's shard, reshuffled every epoch, repeated forever.
+
+    Args:
+      source: random-access records {'image': uint8 [H, W, C], 'label': int}.
+      image_size: side S of the square images.
+      channels: 1 or 3.
+      global_batch: batch over all processes; each process yields global_batch // process_count.
+      seed: seeds the shuffle (a new order each epoch) and the flips (per epoch and position).
+      random_flip: flip each image left-right with probability 1/2.
+      worker_count: grain worker processes (0: threads in this process; > 0 needs absl flags
+        parsed, i.e. run under absl.app.run, and a `__main__` guard).
+      process_index, process_count: this process's shard; default jax.process_index()/count().
+
+    Returns:
+      A TrainIterator (see its docstring for the checkpointable state).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}.")
+    process_index, process_count = _process(process_index, process_count)
+    batch = _per_process_batch(global_batch, process_count)
+    shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    dataset = _shard(source, process_index, process_count).shuffle(seed=shuffle_seed).repeat()
+    dataset = dataset.map(functools.partial(_example, image_size=image_size, channels=channels))
+    if random_flip:
+        dataset = dataset.random_map(_random_flip, seed=flip_seed)
+    identity = {
+        "num_examples": len(source),
+        "global_batch": global_batch,
+        "process_count": process_count,
+        "seed": seed,
+    }
+    return TrainIterator(dataset.batch(batch, drop_remainder=True), identity, worker_count)
+
+
+def make_eval_iterator(
+    source,
+    *,
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+):
+    """One pass over `source` in order (no shuffle, no flip), padded so no example is lost.
+
+    Process p of P reads examples p, p + P, ... in batches of b = batch_size // P (batch_size is
+    global, like make_train_iterator's global_batch). Every process yields the same number of
+    batches, ceil(ceil(N / P) / b), so collective eval steps line up; the last batches are padded
+    with zero images, label 0 and mask False (nothing is dropped). Average a per-example loss as
+    sum(loss * mask) / sum(mask) for the exact mean.
+
+    Args:
+      source: random-access records {'image': uint8 [H, W, C], 'label': int}.
+      image_size: side S of the square images.
+      channels: 1 or 3.
+      batch_size: batch over all processes; must be a multiple of the process count.
+      process_index, process_count: this process's shard; default jax.process_index()/count().
+
+    Returns:
+      An iterator of {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b]}.
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}.")
+    process_index, process_count = _process(process_index, process_count)
+    batch = _per_process_batch(batch_size, process_count)
+    num_batches = math.ceil(math.ceil(len(source) / process_count) / batch)
+    dataset = _shard(source, process_index, process_count)
+    dataset = dataset.map(functools.partial(_example, image_size=image_size, channels=channels))
+    dataset = dataset.batch(batch, drop_remainder=False).to_iter_dataset(
+        grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
+    )
+    return _padded(dataset, num_batches, batch, (image_size, image_size, channels))
+
+
+def _padded(dataset, num_batches: int, batch: int, image_shape: tuple[int, ...]):
+    def empty():
+        return {
+            "image": np.zeros((batch, *image_shape), np.float32),
+            "label": np.zeros((batch,), np.int32),
+            "mask": np.zeros((batch,), bool),
+        }
+
+    produced = 0
+    for partial in dataset:
+        out, size = empty(), len(partial["label"])
+        out["image"][:size], out["label"][:size], out["mask"][:size] = (
+            partial["image"],
+            partial["label"],
+            True,
+        )
+        produced += 1
+        yield out
+    for _ in range(num_batches - produced):  # this process's shard ran out before the others
+        yield empty()

@@ -1,0 +1,167 @@
+"""Train and sampling throughput of diffjax's U-Net on the two peer benchmark networks.
+
+    python experiments/bench/bench_unet.py                        # both cases, a table
+    python experiments/bench/bench_unet.py --peer-json peer.jsonl # plus ratios to the peer
+
+Cases (the networks of ../shared/peers/README.md, built with diffjax.models.UNet):
+  ddpm-cifar  DDPM's CIFAR-10 U-Net, 35,746,307 params, 32x32x3, batch 16.
+  small       16x16x1, channels (32, 64, 64), 1 res block/level, attention at 8x8, batch 64.
+
+Each measurement runs in a fresh child process (so its peak RSS is its own): the compiled train
+step (ε-MSE, AdamW, EMA) and the compiled DDPM sampling loop, median of --steps timed calls after
+warm-up. The sampling time per step is the loop time over --sample-steps steps divided by that
+number. `--peer-json` takes the JSON lines of diffusers_cpu_bench.py --json and prints ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CASES = {
+    "ddpm-cifar": dict(batch=16, shape=(32, 32, 3), model=dict(
+        base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
+        attention_resolutions=(16,), head_dim=None, dropout=0.1, norm_eps=1e-6)),
+    "small": dict(batch=64, shape=(16, 16, 1), model=dict(
+        base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+        head_dim=8, dropout=0.0, norm_eps=1e-5)),
+}
+MARK = "@@BENCH@@"
+
+
+def _timed(fn, steps: int, warmup: int) -> tuple[float, float]:
+    import jax
+
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), first
+
+
+def worker(case: str, mode: str, steps: int, warmup: int, sample_steps: int, dtype: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from diffjax import schedules, sharding, train
+    from diffjax.models.unet import UNet
+
+    spec = CASES[case]
+    b, shape = spec["batch"], spec["shape"]
+    mesh = sharding.make_mesh(1)
+    model = UNet(**spec["model"], dtype=jnp.dtype(dtype))
+    tx = train.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 0.0)
+    state = train.create_train_state(model, tx, shape, jax.random.key(0), mesh)
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    out = dict(case=case, mode=mode, batch=b, params=n_params, dtype=dtype,
+               devices=jax.device_count(), backend=jax.default_backend())
+    if mode == "train":
+        abstract = train.abstract_train_state(model, tx, shape, mesh)
+        step = train.make_train_step(model, schedules.make_schedule("linear", 1000), tx, mesh,
+                                     abstract)
+        batch = sharding.global_batch({"image": np.random.default_rng(0).uniform(
+            -1, 1, (b, *shape)).astype(np.float32), "label": np.zeros(b, np.int32)}, mesh)
+        holder = {"state": state}
+
+        def run():
+            holder["state"], metrics = step(holder["state"], batch, jax.random.key(1))
+            return metrics["loss"]
+
+        median, first = _timed(run, steps, warmup)
+        out.update(median_s=median, images_per_s=b / median, warmup_s=first)
+    else:
+        sched = schedules.make_schedule("linear", sample_steps)
+        fn = train.make_sample_fn(model, sched, mesh, (b, *shape))
+        median, first = _timed(lambda: fn(state.ema_params, jax.random.key(2)),
+                               max(1, steps // 3), 1)
+        out.update(median_s=median / sample_steps, full_1000_step_sample_s=median /
+                   sample_steps * 1000, warmup_s=first)
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _child(args, case, mode) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", case, mode, "--steps",
+           str(args.steps), "--warmup", str(args.warmup), "--sample-steps",
+           str(args.sample_steps), "--dtype", args.dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    return dict(case=case, mode=mode, error=proc.stderr.strip().splitlines()[-3:])
+
+
+def _load_peer(path: str) -> dict:
+    peer = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            r = json.loads(line)
+            for mode, result in (r.get("eager") or {}).items():
+                peer[(r.get("case"), mode)] = result
+    return peer
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cases", default="ddpm-cifar,small")
+    ap.add_argument("--steps", type=int, default=10, help="timed train steps (median)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--sample-steps", type=int, default=20, help="steps of the timed sampler loop")
+    ap.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
+    ap.add_argument("--peer-json", default=None, help="diffusers_cpu_bench.py --json output")
+    ap.add_argument("--json", action="store_true", help="also print one JSON line per result")
+    ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._worker:
+        res = worker(*args._worker, args.steps, args.warmup, args.sample_steps, args.dtype)
+        print(MARK + json.dumps(res), flush=True)
+        return 0
+
+    peer = _load_peer(args.peer_json) if args.peer_json else {}
+    rows = []
+    for case in args.cases.split(","):
+        tr, sa = _child(args, case, "train"), _child(args, case, "sample")
+        for r in (tr, sa):
+            if "error" in r:
+                print(f"{case} {r['mode']} failed: {r['error']}", file=sys.stderr)
+            if args.json:
+                print(json.dumps(r))
+        rows.append((case, tr, sa))
+
+    head = ("| case | batch | params | train s/step | train img/s | sample s/step | "
+            "peak RSS train (MiB) | peak RSS sample (MiB) |")
+    print(head + "\n|" + "---|" * 8)
+    for case, tr, sa in rows:
+        print(f"| {case} | {tr.get('batch')} | {tr.get('params', 0):,} | "
+              f"{tr.get('median_s', float('nan')):.3f} | {tr.get('images_per_s', float('nan')):.1f}"
+              f" | {sa.get('median_s', float('nan')):.4f} | {tr.get('peak_rss_mib', 0):.0f} | "
+              f"{sa.get('peak_rss_mib', 0):.0f} |")
+    if peer:
+        print("\n| case | peer train img/s | diffjax train img/s | ratio | peer sample s/step | "
+              "diffjax sample s/step | ratio (step rate) |\n|" + "---|" * 7)
+        for case, tr, sa in rows:
+            pt, ps = peer.get((case, "train"), {}), peer.get((case, "sample"), {})
+            pi, di = pt.get("images_per_s", float("nan")), tr.get("images_per_s", float("nan"))
+            pss, dss = ps.get("median_s", float("nan")), sa.get("median_s", float("nan"))
+            print(f"| {case} | {pi:.1f} | {di:.1f} | {di / pi:.2f}x | {pss:.4f} | {dss:.4f} | "
+                  f"{pss / dss:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
