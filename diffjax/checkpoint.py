@@ -30,7 +30,8 @@ class Checkpointer:
                                               item_names=("state", "data"))
 
     def all_steps(self) -> list[int]:
-        return sorted(self._manager.all_steps(read=True))
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()

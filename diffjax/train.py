@@ -25,8 +25,15 @@ from diffjax.models.unet import UNet
 Array = jnp.ndarray
 
 
+log = logging.getLogger(__name__)
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or Inf."""
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value."""
 
 
 @flax.struct.dataclass
@@ -171,7 +178,7 @@ def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Rejects a bad configuration before anything is built or compiled, naming the field."""
     def fail(field, msg):
-        raise ValueError(f"config.{field}: {msg}")
+        raise ConfigError(f"config.{field}: {msg}")
 
     m, d, tr = config.model, config.data, config.train
     levels = len(m.channel_mults)
@@ -232,7 +239,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def _mesh_size(config) -> int:
     n = jax.device_count()
     if config.mesh.data != -1 and not 1 <= config.mesh.data <= n:
-        raise ValueError(f"config.mesh.data: {config.mesh.data} must be -1 (all devices) or "
+        raise ConfigError(f"config.mesh.data: {config.mesh.data} must be -1 (all devices) or "
                          f"between 1 and {n}")
     return n if config.mesh.data == -1 else config.mesh.data
 
@@ -360,7 +367,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if ckpt.latest_step() is not None:
         state, data_state, last_saved = ckpt.restore(setup.abstract_state)
         train_iter.set_state(data_state["train_iter"])
-        logging.info("resumed from step %d in %s", last_saved, ckpt.directory)
+        log.info("resumed from step %d in %s", last_saved, ckpt.directory)
     else:
         state = create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
                                    setup.mesh)
@@ -406,8 +413,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
                                os.path.join(workdir, "samples", f"step_{step:07d}.png"))
         healthy = True
+        if step == tr.num_steps and not at(tr.sample_every_steps):
+            _write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
+                           os.path.join(workdir, "samples", f"step_{step:07d}.png"))
     except KeyboardInterrupt:
-        logging.warning("interrupted at step %d: writing a final checkpoint", step)
+        log.warning("interrupted at step %d: writing a final checkpoint", step)
         healthy = True
     finally:
         bar.close()
@@ -419,7 +429,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         ckpt.close()
         writer.close()
     if stop["signal"] is not None:
-        logging.warning("stopped by signal %s at step %d; checkpoint written", stop["signal"],
+        log.warning("stopped by signal %s at step %d; checkpoint written", stop["signal"],
                         step)
     return state
 
@@ -441,7 +451,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = N
     num = num_samples or config.train.num_samples
     path = os.path.join(workdir, "samples", f"sample_{restored:07d}.png")
     _write_samples(setup, state.ema_params, num, setup.sample_key, path, progress=True)
-    logging.info("wrote %d samples from step %d to %s", num, restored, path)
+    log.info("wrote %d samples from step %d to %s", num, restored, path)
     return path
 
 
@@ -467,5 +477,5 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     writer = MetricWriter(workdir)
     writer.write(restored, {k: v for k, v in result.items() if k.startswith("eval/")})
     writer.close()
-    logging.info("eval at step %d: %s", restored, result)
+    log.info("eval at step %d: %s", restored, result)
     return result
