@@ -11,7 +11,8 @@ from PIL import Image
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[-1, 1] floats [N, H, W, C] → uint8 [0, 255], rounding to nearest."""
-    return np.clip(np.round((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    scaled = np.round((np.asarray(images, np.float32) + 1.0) * 127.5)
+    return np.clip(scaled, 0, 255).astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.ndarray:

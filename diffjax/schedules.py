@@ -64,7 +64,7 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
-# --- the schedule pytree ---------------------------------------------------------------------------
+# --- the schedule pytree ------------------------------------------------------------------------
 
 
 @flax.struct.dataclass

@@ -109,6 +109,19 @@ def ema_decay_at(step: Array, decay: float) -> Array:
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+def compiler_options() -> dict | None:
+    """XLA options for the compiled steps.
+
+    On CPU, XLA 0.10 hands f32 convolutions to YNNPACK, whose weight-gradient convolution is ~3x
+    slower than XLA's own; keeping YNNPACK for matrix products only makes the whole U-Net train
+    step ~2x faster (experiments/bench/bench_unet.py --ynn-conv compares). Set
+    DIFFJAX_CPU_YNN_CONV=1 to keep XLA's default. Other backends get no options.
+    """
+    if jax.default_backend() != "cpu" or os.environ.get("DIFFJAX_CPU_YNN_CONV") == "1":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
 def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, abstract_state: TrainState, *, target: str = "eps",
                     ema_decay: float = 0.9999):
@@ -137,7 +150,7 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                   donate_argnums=0)
+                   donate_argnums=0, compiler_options=compiler_options())
 
 
 def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
@@ -149,7 +162,8 @@ def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
                                   batch["image"], key, target)
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(rep, batch_sh, rep), out_shardings=batch_sh)
+    return jax.jit(step, in_shardings=(rep, batch_sh, rep), out_shardings=batch_sh,
+                   compiler_options=compiler_options())
 
 
 def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh,
@@ -169,7 +183,8 @@ def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
                                           loop_key, target=target, **sampler_kwargs)
 
     rep = sharding.replicated(mesh)
-    return jax.jit(sample, in_shardings=(rep, rep), out_shardings=sharding.batch_sharded(mesh))
+    return jax.jit(sample, in_shardings=(rep, rep), out_shardings=sharding.batch_sharded(mesh),
+                   compiler_options=compiler_options())
 
 
 # --- configuration ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""End to end through the real CLI: train, SIGTERM, resume in a new process, sample, eval, errors."""
+"""End to end through the real CLI: train, SIGTERM, resume in a new process, sample, eval."""
 
 import json
 import os
@@ -44,7 +44,7 @@ def data_dir(tmp_path_factory):
 
 
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
-    """Stop a run with SIGTERM mid-way, resume in a new process: bit-identical to no interruption."""
+    """SIGTERM mid-run, resume in a new process: bit-identical to an uninterrupted run."""
     work = tmp_path / "interrupted"
     proc = subprocess.Popen(_cli(work, data_dir, "--config.train.num_steps=100000",
                                  "--config.train.checkpoint_every_steps=0"),

@@ -1,4 +1,4 @@
-"""Schedules, q(x_t | x_0) and the posterior against the papers' formulas and independent numerics."""
+"""Schedules, q(x_t | x_0) and the posterior against the papers' formulas and numerics."""
 
 import math
 

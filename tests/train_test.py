@@ -1,7 +1,6 @@
 """The compiled train step: sharding invariance, a single compilation, config validation."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

@@ -13,8 +13,8 @@ from diffjax.models.layers import (
     Downsample,
     ResBlock,
     Upsample,
-    zero_init,
     timestep_embedding,
+    zero_init,
 )
 
 Array = jnp.ndarray
