@@ -99,7 +99,7 @@ def features(grid: np.ndarray) -> np.ndarray:
     model = classifier()
     hidden = grid
     for weights, bias in zip(model.coefs_[:-1], model.intercepts_[:-1], strict=True):
-        hidden = hidden @ weights + bias
+        hidden = np.maximum(hidden @ weights + bias, 0.0)
     return hidden
 
 

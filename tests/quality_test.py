@@ -96,3 +96,13 @@ def test_uniform_noise_scores_clearly_worse(image_size):
     result = quality.digits_quality(noise, image_size)
     assert result["fd"] > 10 * result["fd_real"]
     assert result["coverage"] <= 7 or result["confidence"] < result["confidence_real"] - 0.1
+
+
+def test_features_feed_the_output_layer_to_the_classifier_probabilities():
+    """softmax(features @ W_out + b_out) is the classifier's own predict_proba: same activations."""
+    model = quality.classifier()
+    grid = quality.to_digit_grid(quality.real_digits("test", 16)[0])
+    logits = quality.features(grid) @ model.coefs_[-1] + model.intercepts_[-1]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(probs, model.predict_proba(grid), atol=1e-10)
