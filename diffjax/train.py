@@ -109,17 +109,21 @@ def ema_decay_at(step: Array, decay: float) -> Array:
     return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
 
 
+CPU_YNN_FUSION = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
+
+
 def compiler_options() -> dict | None:
     """XLA options for the compiled steps.
 
     On CPU, XLA 0.10 hands f32 convolutions to YNNPACK, whose weight-gradient convolution is ~3x
-    slower than XLA's own; keeping YNNPACK for matrix products only makes the whole U-Net train
-    step ~2x faster (experiments/bench/bench_unet.py --ynn-conv compares). Set
-    DIFFJAX_CPU_YNN_CONV=1 to keep XLA's default. Other backends get no options.
+    slower than XLA's own. We keep YNNPACK for matrix products and reductions only (reductions
+    without it are ~10x slower). DIFFJAX_CPU_YNN_FUSION overrides the list ("default" = XLA's own
+    choice; experiments/bench/bench_unet.py --ynn-fusion compares). Other backends: no options.
     """
-    if jax.default_backend() != "cpu" or os.environ.get("DIFFJAX_CPU_YNN_CONV") == "1":
+    value = os.environ.get("DIFFJAX_CPU_YNN_FUSION", CPU_YNN_FUSION)
+    if jax.default_backend() != "cpu" or value == "default":
         return None
-    return {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+    return {"xla_cpu_experimental_ynn_fusion_type": value}
 
 
 def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.GradientTransformation,

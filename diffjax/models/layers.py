@@ -101,10 +101,14 @@ class AttentionBlock(nn.Module):
         heads = 1 if self.head_dim is None else c // self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, **kw)(x).reshape(b, -1, c)
-        q, k, v = (nn.DenseGeneral((heads, c // heads), name=n, **kw)(h) for n in "qkv")
-        h = jax.nn.dot_product_attention(q, k, v)  # [B, L, heads, c/heads]
-        h = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=zero_init(), name="out",
-                            **kw)(h)
+        # One projection for q, k and v; heads move next to the batch so that both attention
+        # products are plain batched matrix products ([B·heads, L, L]), the fast layout on CPU.
+        qkv = nn.DenseGeneral((3, heads, c // heads), name="qkv", **kw)(h)
+        q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))  # each [B, heads, L, c/heads]
+        q = q * (c // heads) ** -0.5
+        weights = jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k), axis=-1)
+        h = jnp.einsum("bhqk,bhkd->bqhd", weights, v)
+        h = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=zero_init(), name="out", **kw)(h)
         return x + h.reshape(b, hgt, wid, c)
 
 

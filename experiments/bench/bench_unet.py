@@ -96,7 +96,9 @@ def _child(args, case, mode) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", case, mode, "--steps",
            str(args.steps), "--warmup", str(args.warmup), "--sample-steps",
            str(args.sample_steps), "--dtype", args.dtype]
-    env = dict(os.environ, DIFFJAX_CPU_YNN_CONV="1" if args.ynn_conv else "0")
+    env = dict(os.environ)
+    if args.ynn_fusion:
+        env["DIFFJAX_CPU_YNN_FUSION"] = args.ynn_fusion
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
@@ -125,8 +127,8 @@ def main() -> int:
     ap.add_argument("--sample-steps", type=int, default=20, help="steps of the timed sampler loop")
     ap.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
     ap.add_argument("--peer-json", default=None, help="diffusers_cpu_bench.py --json output")
-    ap.add_argument("--ynn-conv", action="store_true",
-                    help="CPU: keep XLA's default YNNPACK convolutions (diffjax turns them off)")
+    ap.add_argument("--ynn-fusion", default=None,
+                    help="CPU: override diffjax's YNNPACK fusion list ('default' = XLA's)")
     ap.add_argument("--json", action="store_true", help="also print one JSON line per result")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
