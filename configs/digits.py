@@ -26,10 +26,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         worker_count=0,  # grain worker processes; 0 = read in the main process.
     )
     config.model = dict(
-        base_channels=64,  # Channels of the first level.
+        base_channels=32,  # Channels of the first level.
         channel_mults=(1, 2, 2),  # One multiplier per level; sizes 16, 8, 4.
-        num_res_blocks=2,  # Residual blocks per encoder level.
-        attention_resolutions=(8,),  # Self-attention at these feature-map sizes.
+        num_res_blocks=1,  # Residual blocks per encoder level.
+        attention_resolutions=(),  # Self-attention at these feature-map sizes.
         mid_attention=True,  # Self-attention in the middle block.
         head_dim=None,  # Channels per attention head; None = one head.
         dropout=0.0,  # Dropout inside residual blocks.
@@ -60,11 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.train = dict(
         batch_size=64,  # Global batch, split over all devices and processes.
-        num_steps=4000,  # Training steps in total (a resumed run stops here too).
+        num_steps=2500,  # Training steps in total (a resumed run stops here too).
         log_every_steps=100,  # Loss to TensorBoard and metrics.jsonl.
-        checkpoint_every_steps=1000,  # Orbax checkpoint cadence.
+        checkpoint_every_steps=500,  # Orbax checkpoint cadence.
         keep_checkpoints=3,  # Checkpoints kept on disk.
-        sample_every_steps=2000,  # PNG grid of EMA samples (0 = only at the end).
+        sample_every_steps=0,  # PNG grid of EMA samples (0 = only at the end).
         num_samples=64,  # Samples per grid.
         eval_batch_size=64,  # Batch for --mode=eval.
     )

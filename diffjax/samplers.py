@@ -54,7 +54,8 @@ def ancestral_step(s: schedules.Schedule, prediction: Array, x_t: Array, t: Arra
 
 
 def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array, *,
-                target: str = "eps", variance: str = "beta", clip_x0: bool = True) -> Array:
+                target: str = "eps", variance: str = "beta", clip_x0: bool = True,
+                progress: Callable[[Array], None] | None = None) -> Array:
     """Runs the whole T-step ancestral chain as one `lax.fori_loop`.
 
     Args:
@@ -62,6 +63,8 @@ def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: A
       s: the noise schedule.
       x_T: the starting noise [B, H, W, C].
       key: PRNG key; step i draws its noise from `fold_in(key, i)`.
+      progress: optional host callback, called with the step index i after each step (through
+        `jax.debug.callback`, so it may run once per device).
 
     Returns:
       x_0 samples [B, H, W, C] (float32; images in [-1, 1] when clip_x0).
@@ -69,8 +72,11 @@ def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: A
     def body(i, x):
         t = jnp.full(x.shape[:1], s.num_steps - 1 - i, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return ancestral_step(s, denoise_fn(x, t), x, t, noise, target=target,
-                              variance=variance, clip_x0=clip_x0)
+        x = ancestral_step(s, denoise_fn(x, t), x, t, noise, target=target, variance=variance,
+                           clip_x0=clip_x0)
+        if progress is not None:
+            jax.debug.callback(progress, i)
+        return x
 
     x0 = jax.lax.fori_loop(0, s.num_steps, body, x_T)
     return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0

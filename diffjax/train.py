@@ -303,12 +303,13 @@ class _Setup:
         self.abstract_state = abstract_train_state(self.model, self.tx, self.image_shape,
                                                    self.mesh)
 
-    def sample_fn(self, batch_size: int):
+    def sample_fn(self, batch_size: int, progress=None):
         s = self.config.sampler
+        kwargs = {"progress": progress} if progress is not None else {}
         return make_sample_fn(self.model, self.schedule, self.mesh, (batch_size,
                               *self.image_shape), sampler=s.name,
                               target=self.config.diffusion.target, variance=s.variance,
-                              clip_x0=s.clip_x0)
+                              clip_x0=s.clip_x0, **kwargs)
 
 
 # --- logging ------------------------------------------------------------------------------------
@@ -353,16 +354,30 @@ def _check_finite(pending: list[tuple[int, Array]], last_saved: int | None) -> l
 
 def _write_samples(setup: _Setup, params, num: int, key, path: str,
                    progress: bool = False) -> np.ndarray:
-    """Draws `num` samples with `params`; writes a PNG grid and an .npz (`images`) beside it."""
-    bs = setup.config.sampler.batch_size
-    fn = setup.sample_fn(bs)
-    batches = range(math.ceil(num / bs))
-    if progress:
-        batches = tqdm.tqdm(batches, unit="batch", disable=jax.process_index() != 0,
-                            desc=f"sampling ({setup.config.sampler.name}, "
-                                 f"{setup.schedule.num_steps} steps per batch of {bs})")
-    images = np.concatenate([np.asarray(fn(params, jax.random.fold_in(key, i)))
-                             for i in batches])[:num]
+    """Draws `num` samples with `params`; writes a PNG grid and an .npz (`images`) beside it.
+
+    With `progress`, a bar follows every denoising step (a host callback inside the loop).
+    """
+    bs, steps = setup.config.sampler.batch_size, setup.schedule.num_steps
+    n_batches = math.ceil(num / bs)
+    bar, batch_index = None, [0]
+    if progress and jax.process_index() == 0:
+        bar = tqdm.tqdm(total=n_batches * steps, unit="step", mininterval=0.5,
+                        desc=f"sampling {num} ({setup.config.sampler.name}, batches of {bs})")
+
+    def advance(i):  # may run once per device: move the bar forward only
+        done = batch_index[0] * steps + int(i) + 1
+        if done > bar.n and (done % 10 == 0 or int(i) == steps - 1):
+            bar.update(done - bar.n)
+
+    fn = setup.sample_fn(bs, progress=advance if bar is not None else None)
+    out = []
+    for b in range(n_batches):
+        batch_index[0] = b
+        out.append(np.asarray(fn(params, jax.random.fold_in(key, b))))
+    if bar is not None:
+        bar.close()
+    images = np.concatenate(out)[:num]
     if jax.process_index() == 0:
         image_io.save_grid(images, path)
         np.savez_compressed(os.path.splitext(path)[0] + ".npz", images=images)
@@ -399,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
     step = int(state.step)
     bar = tqdm.tqdm(total=tr.num_steps, initial=step, desc="train", unit="step",
-                    disable=jax.process_index() != 0, dynamic_ncols=True)
+                    disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=0.5)
     pending, t0, healthy = [], time.perf_counter(), False
 
     def at(every):
