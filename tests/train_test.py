@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from diffjax import schedules, sharding, train
+from diffjax import schedules, sharding, steps, train
 from diffjax.models.unet import UNet
 
 MODEL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
@@ -15,11 +15,11 @@ MODEL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention
 def _setup(n_devices):
     mesh = sharding.make_mesh(n_devices)
     model = UNet(**MODEL)
-    tx = train.make_optimizer(1e-3, 2, 0.0, 0.9, 0.999, 1.0)
+    tx = steps.make_optimizer(1e-3, 2, 0.0, 0.9, 0.999, 1.0)
     shape = (8, 8, 1)
-    abstract = train.abstract_train_state(model, tx, shape, mesh)
-    state = train.create_train_state(model, tx, shape, jax.random.key(0), mesh)
-    step = train.make_train_step(model, schedules.make_schedule("linear", 100), tx, mesh,
+    abstract = steps.abstract_train_state(model, tx, shape, mesh)
+    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh)
+    step = steps.make_train_step(model, schedules.make_schedule("linear", 100), tx, mesh,
                                  abstract, ema_decay=0.99)
     return mesh, state, step
 
@@ -56,13 +56,13 @@ def test_eight_devices_match_one_device():
 
 
 def test_ema_tracks_params_with_warmup():
-    _, state, step = _setup(8)
-    mesh = sharding.make_mesh(8)
+    mesh, state, step = _setup(8)
+    before = [np.asarray(p) for p in jax.tree.leaves(state.params)]  # the state is donated
     new, _ = step(state, sharding.global_batch(_batches(1)[0], mesh), jax.random.key(1))
     # At step 0 the warm-up decay is min(0.99, 1/10) = 0.1: ema = 0.1·old + 0.9·new params.
-    for e, p, o in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(new.params),
-                       jax.tree.leaves(_setup(8)[1].params), strict=True):
-        np.testing.assert_allclose(e, 0.1 * np.asarray(o) + 0.9 * np.asarray(p), atol=1e-6)
+    for e, p, o in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(new.params), before,
+                       strict=True):
+        np.testing.assert_allclose(e, 0.1 * o + 0.9 * np.asarray(p), atol=1e-6)
 
 
 @pytest.mark.parametrize("field,value,match", [

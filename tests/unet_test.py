@@ -68,3 +68,32 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
     assert out16.dtype == jnp.float32
     assert np.isfinite(np.asarray(out16)).all()
     np.testing.assert_allclose(out16, out32, atol=0.05 * float(jnp.abs(out32).max()) + 1e-3)
+
+
+@pytest.mark.parametrize("head_dim", [None, 4])
+def test_attention_block_matches_numpy_reference(head_dim):
+    """GroupNorm → multi-head softmax attention → projection, written out in float64 NumPy."""
+    from diffjax.models.layers import AttentionBlock
+
+    b, s, c, groups = 2, 4, 8, 4
+    x = np.random.default_rng(0).standard_normal((b, s, s, c)).astype(np.float32)
+    block = AttentionBlock(head_dim=head_dim, num_groups=groups)
+    params = block.init(jax.random.key(0), x)["params"]
+    params = jax.tree.map(  # the output projection starts at ~0: give it real values
+        lambda p: np.random.default_rng(1).standard_normal(p.shape).astype(np.float32), params)
+    out = np.asarray(block.apply({"params": params}, x), np.float64)
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    g = x.astype(np.float64).reshape(b, s * s, groups, c // groups)
+    g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
+    h = g.reshape(b, s * s, c) * p["GroupNorm_0"]["scale"] + p["GroupNorm_0"]["bias"]
+    heads = 1 if head_dim is None else c // head_dim
+    d = c // heads
+    qkv = np.einsum("blc,cthd->btlhd", h, p["qkv"]["kernel"]) + p["qkv"]["bias"][None, :, None]
+    q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [B, L, heads, d]
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    o = np.einsum("bhqk,bkhd->bqhd", w, v)
+    o = np.einsum("bqhd,hdc->bqc", o, p["out"]["kernel"]) + p["out"]["bias"]
+    np.testing.assert_allclose(out, x + o.reshape(b, s, s, c), rtol=1e-4, atol=1e-4)

@@ -50,26 +50,26 @@ def _timed(fn, steps: int, warmup: int) -> tuple[float, float]:
     return statistics.median(times), first
 
 
-def worker(case: str, mode: str, steps: int, warmup: int, sample_steps: int, dtype: str) -> dict:
+def worker(case: str, mode: str, timed: int, warmup: int, sample_steps: int, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from diffjax import schedules, sharding, train
+    from diffjax import schedules, sharding, steps
     from diffjax.models.unet import UNet
 
     spec = CASES[case]
     b, shape = spec["batch"], spec["shape"]
     mesh = sharding.make_mesh(1)
     model = UNet(**spec["model"], dtype=jnp.dtype(dtype))
-    tx = train.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 0.0)
-    state = train.create_train_state(model, tx, shape, jax.random.key(0), mesh)
+    tx = steps.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 0.0)
+    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     out = dict(case=case, mode=mode, batch=b, params=n_params, dtype=dtype,
                devices=jax.device_count(), backend=jax.default_backend())
     if mode == "train":
-        abstract = train.abstract_train_state(model, tx, shape, mesh)
-        step = train.make_train_step(model, schedules.make_schedule("linear", 1000), tx, mesh,
+        abstract = steps.abstract_train_state(model, tx, shape, mesh)
+        step = steps.make_train_step(model, schedules.make_schedule("linear", 1000), tx, mesh,
                                      abstract)
         batch = sharding.global_batch({"image": np.random.default_rng(0).uniform(
             -1, 1, (b, *shape)).astype(np.float32), "label": np.zeros(b, np.int32)}, mesh)
@@ -79,13 +79,13 @@ def worker(case: str, mode: str, steps: int, warmup: int, sample_steps: int, dty
             holder["state"], metrics = step(holder["state"], batch, jax.random.key(1))
             return metrics["loss"]
 
-        median, first = _timed(run, steps, warmup)
+        median, first = _timed(run, timed, warmup)
         out.update(median_s=median, images_per_s=b / median, warmup_s=first)
     else:
         sched = schedules.make_schedule("linear", sample_steps)
-        fn = train.make_sample_fn(model, sched, mesh, (b, *shape))
+        fn = steps.make_sample_fn(model, sched, mesh, (b, *shape))
         median, first = _timed(lambda: fn(state.ema_params, jax.random.key(2)),
-                               max(1, steps // 3), 1)
+                               max(1, timed // 3), 1)
         out.update(median_s=median / sample_steps, full_1000_step_sample_s=median /
                    sample_steps * 1000, warmup_s=first)
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
