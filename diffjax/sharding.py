@@ -32,6 +32,15 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) global array, as NumPy on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def global_batch(local: Any, mesh: Mesh) -> Any:
     """Assembles this process's part of a batch (numpy, leading dim local) into global arrays."""
     sharding = batch_sharded(mesh)

@@ -225,7 +225,7 @@ def _write_samples(setup: _Setup, params, num: int, key, path: str,
     out = []
     for b in range(n_batches):
         batch_index[0] = b
-        out.append(np.asarray(fn(params, jax.random.fold_in(key, b))))
+        out.append(sharding.to_host(fn(params, jax.random.fold_in(key, b))))
     if bar is not None:
         bar.close()
     images = np.concatenate(out)[:num]
@@ -356,7 +356,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         mask = batch.pop("mask")
         loss = eval_step(state.ema_params, sharding.global_batch(batch, setup.mesh),
                          jax.random.fold_in(setup.eval_key, i))
-        total += float(np.sum(np.asarray(loss) * mask))
+        mask = sharding.to_host(sharding.global_batch(mask, setup.mesh))
+        total += float(np.sum(sharding.to_host(loss) * mask))
         count += int(mask.sum())
     result = {"step": restored, "eval/loss": total / max(count, 1), "eval/examples": count}
     writer = MetricWriter(workdir)
