@@ -153,14 +153,20 @@ class _Setup:
         self.init_key, self.train_key, self.sample_key, self.eval_key = jax.random.split(root, 4)
         self.abstract_state = abstract_train_state(self.model, self.tx, self.image_shape,
                                                    self.mesh)
+        self._sample_fns = {}
 
     def sample_fn(self, batch_size: int, progress=None):
+        """The compiled sampler; without a progress callback it is built (and compiled) once."""
+        if progress is None and batch_size in self._sample_fns:
+            return self._sample_fns[batch_size]
         s = self.config.sampler
         kwargs = {"progress": progress} if progress is not None else {}
-        return make_sample_fn(self.model, self.schedule, self.mesh, (batch_size,
-                              *self.image_shape), sampler=s.name,
-                              target=self.config.diffusion.target, variance=s.variance,
-                              clip_x0=s.clip_x0, **kwargs)
+        fn = make_sample_fn(self.model, self.schedule, self.mesh, (batch_size, *self.image_shape),
+                            sampler=s.name, target=self.config.diffusion.target,
+                            variance=s.variance, clip_x0=s.clip_x0, **kwargs)
+        if progress is None:
+            self._sample_fns[batch_size] = fn
+        return fn
 
 
 # --- logging ------------------------------------------------------------------------------------

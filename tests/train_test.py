@@ -95,3 +95,15 @@ def test_digits_configs_are_valid():
     train.check_config(digits.get_config("tiny"))
     with pytest.raises(ValueError, match="unknown variant"):
         digits.get_config("huge")
+
+
+def test_sample_grids_reuse_one_compiled_sampler(tmp_path):
+    config = digits.get_config("tiny")
+    setup = train._Setup(config)
+    state = steps.create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
+                                     setup.mesh)
+    for i in range(2):
+        images = train._write_samples(setup, state.ema_params, 20, setup.sample_key,
+                                      str(tmp_path / f"grid_{i}.png"))
+    assert images.shape == (20, 8, 8, 1) and (tmp_path / "grid_1.png").exists()
+    assert setup.sample_fn(16)._cache_size() == 1
