@@ -17,8 +17,8 @@ def make_mesh(data: int = -1, devices: list | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices) if data == -1 else data
     if n < 1 or n > len(devices):
-        raise ValueError(f"mesh.data={data}: must be -1 or between 1 and {len(devices)} "
-                         f"(the number of devices)")
+        raise ValueError(f"mesh.data: {data} must be -1 (all devices) or between 1 and "
+                         f"{len(devices)}, the number of devices")
     return Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
 
 

@@ -63,22 +63,21 @@ def make_init_fn(model: UNet, tx: optax.GradientTransformation,
     return init
 
 
+def abstract_train_state(model: UNet, tx: optax.GradientTransformation,
+                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
+    abstract = jax.eval_shape(make_init_fn(model, tx, image_shape), jax.random.key(0))
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, state_shardings(abstract, mesh))
+
+
 def create_train_state(model: UNet, tx: optax.GradientTransformation,
                        image_shape: tuple[int, ...], key: Array,
                        mesh: jax.sharding.Mesh) -> TrainState:
     """Initialises the state under jit, so every leaf is a global array with its sharding."""
-    init = make_init_fn(model, tx, image_shape)
-    shardings = state_shardings(jax.eval_shape(init, key), mesh)
-    return jax.jit(init, out_shardings=shardings)(key)
-
-
-def abstract_train_state(model: UNet, tx: optax.GradientTransformation,
-                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
-    """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
-    init = make_init_fn(model, tx, image_shape)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, state_shardings(abstract, mesh))
+    abstract = abstract_train_state(model, tx, image_shape, mesh)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    return jax.jit(make_init_fn(model, tx, image_shape), out_shardings=shardings)(key)
 
 
 def ema_decay_at(step: Array, decay: float) -> Array:

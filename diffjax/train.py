@@ -107,11 +107,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _mesh_size(config) -> int:
-    n = jax.device_count()
-    if config.mesh.data != -1 and not 1 <= config.mesh.data <= n:
-        raise ConfigError(f"config.mesh.data: {config.mesh.data} must be -1 (all devices) or "
-                         f"between 1 and {n}")
-    return n if config.mesh.data == -1 else config.mesh.data
+    try:
+        return sharding.make_mesh(config.mesh.data).size
+    except ValueError as e:
+        raise ConfigError(f"config.{e}") from None
 
 
 def _model(config) -> UNet:
@@ -277,6 +276,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     def at(every):
         return every and step % every == 0
 
+    def grid_path():
+        return os.path.join(workdir, "samples", f"step_{step:07d}.png")
+
     def save(s):
         nonlocal last_saved
         ckpt.save(s, state, {"train_iter": train_iter.get_state()})
@@ -302,11 +304,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 save(step)
             if at(tr.sample_every_steps):
                 _write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
-                               os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+                               grid_path())
         healthy = True
-        if step == tr.num_steps and not at(tr.sample_every_steps):
+        if step == tr.num_steps and not at(tr.sample_every_steps):  # the final grid
             _write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
-                           os.path.join(workdir, "samples", f"step_{step:07d}.png"))
+                           grid_path())
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: writing a final checkpoint", step)
         healthy = True
@@ -320,8 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         ckpt.close()
         writer.close()
     if stop["signal"] is not None:
-        log.warning("stopped by signal %s at step %d; checkpoint written", stop["signal"],
-                        step)
+        log.warning("stopped by signal %s at step %d; checkpoint written", stop["signal"], step)
     return state
 
 
