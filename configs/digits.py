@@ -4,7 +4,8 @@
 
 On a 2-core CPU this trains for about 10 minutes and writes recognizable digits to
 runs/digits/samples/ (a PNG grid every `train.sample_every_steps` and at the end).
-Variants: `configs/digits.py:tiny` is a seconds-long smoke-test setting used by the tests.
+Variants: `configs/digits.py:tiny` is a seconds-long smoke-test setting used by the tests;
+`configs/digits.py:hybrid` learns the reverse variances with the hybrid loss (Improved DDPM).
 """
 
 import ml_collections
@@ -42,11 +43,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         schedule="linear",  # linear | cosine | scaled_linear | sigmoid.
         num_steps=1000,  # T, the number of diffusion steps.
         target="eps",  # What the network predicts: eps | x0 | v.
+        zero_terminal_snr=False,  # Rescale the schedule so ᾱ_T = 0 (needs target v or x0).
+        learned_variance=False,  # The network also outputs the reverse variance (2C channels).
+        loss="simple",  # simple | hybrid (simple + λ·VLB, learned variance) | vlb.
+        vlb_weight=0.001,  # λ of the hybrid loss.
+        t_sampling="uniform",  # uniform | importance (from the per-t VLB history).
+        min_snr_gamma=0.0,  # Min-SNR-γ weighting of the MSE; 0 = off, 5 is typical.
     )
     config.sampler = dict(
-        name="ddpm",  # The reverse-process sampler.
-        variance="beta",  # DDPM reverse variance: beta | posterior.
+        name="ddpm",  # ddpm | ddim | dpm_solver_pp | heun.
+        steps=1000,  # Sampling steps (network calls; heun makes 2·steps - 1).
+        max_steps=1000,  # Largest `steps` served by one compilation.
+        spacing="uniform",  # Which timesteps: uniform | trailing | leading.
+        eta=0.0,  # DDIM noise: 0 = deterministic, 1 = ancestral-like.
+        variance="beta",  # Fixed reverse variance (ddpm sampler, bits/dim): beta | posterior.
         clip_x0=True,  # Clip the predicted x_0 to [-1, 1] at every step.
+        dynamic_threshold=0.0,  # >0: dynamic thresholding at this percentile of |x_0|.
         batch_size=64,  # Samples drawn per compiled call.
     )
     config.optim = dict(
@@ -77,11 +89,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.update(base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
                             attention_resolutions=(4,))
         config.diffusion.num_steps = 20
+        config.sampler.update(steps=20, max_steps=20)
         config.train.update(batch_size=16, num_steps=6, log_every_steps=2,
                             checkpoint_every_steps=3, sample_every_steps=0, num_samples=16,
                             eval_batch_size=16)
         config.sampler.batch_size = 16
         config.optim.warmup_steps = 2
+    elif arg == "hybrid":  # Improved DDPM: learned variances, L_simple + λ L_vlb.
+        config.diffusion.update(learned_variance=True, loss="hybrid")
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/digits.py; use '' or 'tiny'")
+        raise ValueError(f"unknown variant {arg!r} of configs/digits.py; use '', 'tiny' or "
+                         f"'hybrid'")
     return config

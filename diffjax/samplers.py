@@ -1,85 +1,334 @@
-"""Reverse-process sampler steps and one compiled loop per sampler."""
+"""Reverse-process samplers: pure step functions and one compiled-once loop per sampler.
+
+Every sampler walks a padded table of timesteps, so the number of steps, their spacing and η are
+traced values: one compiled program serves them all (up to the table's size).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax import schedules
 
 Array = jnp.ndarray
 DenoiseFn = Callable[[Array, Array], Array]
 
-VARIANCES = ("beta", "posterior")
+VARIANCES = ("beta", "posterior")  # fixed variances for models without learned variances
+SPACINGS = ("uniform", "trailing", "leading")
+# ᾱ is floored here where a sampler divides by it (a zero-terminal-SNR schedule has ᾱ_T = 0).
+MIN_ALPHA_BAR = 2.0 ** -24
 
 
-def reverse_log_variance(s: schedules.Schedule, t: Array, ndim: int, variance: str) -> Array:
-    """log σ_t² of p(x_{t-1} | x_t) for a fixed variance (DDPM §3.2).
+# --- which timesteps ----------------------------------------------------------------------------
 
-    "beta": σ_t² = β_t (optimal for x_0 ~ N(0, I)); its first entry is replaced by β̃ of the second
-    step, as in DDPM's reference code, so the last step does not add noise of variance β_1 on top of
-    a data-scale image. "posterior": σ_t² = β̃_t (optimal for a point mass x_0), log clipped at t=0.
+
+def timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> np.ndarray:
+    """The `steps` timesteps a sampler visits, in decreasing order (indices into the schedule).
+
+    "uniform": evenly from T-1 down to 0, both included (Improved DDPM §4).
+    "trailing": T-1, T-1-T/n, … (Lin et al. 2024, Table 2): starts at T-1, never reaches 0.
+    "leading": 0, T/n, … reversed (DDIM, Stable Diffusion): ends at 0, never reaches T-1.
     """
-    if variance == "beta":
-        log_var = jnp.log(jnp.concatenate([s.posterior_variance[1:2], s.betas[1:]]))
-    elif variance == "posterior":
-        log_var = s.posterior_log_variance_clipped
+    if not 1 <= steps <= num_train_steps:
+        raise ValueError(f"steps must be in [1, {num_train_steps}] (the schedule's T), "
+                         f"got {steps}")
+    if spacing == "uniform":
+        t = np.round(np.linspace(num_train_steps - 1, 0, steps)) if steps > 1 else [
+            num_train_steps - 1]
+    elif spacing == "trailing":
+        t = np.round(np.arange(num_train_steps, 0, -num_train_steps / steps)) - 1
+    elif spacing == "leading":
+        t = (np.arange(steps) * (num_train_steps // steps))[::-1]
     else:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
-    return schedules.extract(log_var, t, ndim)
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+    return np.asarray(t, np.int32)
 
 
-def ancestral_step(s: schedules.Schedule, prediction: Array, x_t: Array, t: Array, noise: Array,
-                   *, target: str = "eps", variance: str = "beta",
-                   clip_x0: bool = True) -> Array:
-    """One DDPM step x_t → x_{t-1} ~ p(x_{t-1} | x_t) (DDPM Algorithm 2, via eq. 7's mean).
+def timestep_table(num_train_steps: int, steps: int, spacing: str = "uniform",
+                   max_steps: int | None = None) -> np.ndarray:
+    """`timesteps` followed by -1 (the clean image), padded with -1 to `max_steps + 1` entries.
 
-    Args:
-      s: the noise schedule.
-      prediction: the network output for (x_t, t), of kind `target`.
-      x_t: [B, H, W, C]; t: [B] int32; noise: standard normal [B, H, W, C].
-      target: what the network predicts, "eps", "x0" or "v".
-      variance: "beta" or "posterior" (see `reverse_log_variance`).
-      clip_x0: clip the implied x_0 to [-1, 1] before forming the posterior mean.
+    The compiled samplers take this table and `steps` as traced arguments.
     """
-    x0, _ = schedules.to_x0_eps(s, x_t, t, prediction.astype(x_t.dtype), target)
-    if clip_x0:
-        x0 = jnp.clip(x0, -1.0, 1.0)
-    mean, _, _ = schedules.q_posterior(s, x0, x_t, t)
-    log_var = reverse_log_variance(s, t, x_t.ndim, variance)
-    nonzero = (t > 0).astype(x_t.dtype).reshape(t.shape + (1,) * (x_t.ndim - 1))
-    return mean + nonzero * jnp.exp(0.5 * log_var) * noise
+    max_steps = max_steps or steps
+    if steps > max_steps:
+        raise ValueError(f"steps={steps} exceeds the compiled sampler's max_steps={max_steps}")
+    table = np.full(max_steps + 1, -1, np.int32)
+    table[:steps] = timesteps(num_train_steps, steps, spacing)
+    return table
 
 
-def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array, *,
-                target: str = "eps", variance: str = "beta", clip_x0: bool = True,
-                progress: Callable[[Array], None] | None = None) -> Array:
-    """Runs the whole T-step ancestral chain as one `lax.fori_loop`.
+def _alpha_bar(s: schedules.Schedule, t: Array) -> Array:
+    """ᾱ at a timestep of the table, with ᾱ = 1 at t = -1 (the clean image)."""
+    return jnp.where(t >= 0, s.alpha_bar[jnp.maximum(t, 0)], 1.0)
 
-    Args:
-      denoise_fn: `(x_t [B, H, W, C], t [B] int32) -> prediction`.
-      s: the noise schedule.
-      x_T: the starting noise [B, H, W, C].
-      key: PRNG key; step i draws its noise from `fold_in(key, i)`.
-      progress: optional host callback, called with the step index i after each step (through
-        `jax.debug.callback`, so it may run once per device).
 
-    Returns:
-      x_0 samples [B, H, W, C] (float32; images in [-1, 1] when clip_x0).
+# --- reading the network ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """How to read the network's output.
+
+    target: what it predicts, "eps", "x0" or "v".
+    learned_variance: it outputs 2C channels, the second half the variance interpolant v.
+    clip_x0: clip the implied x_0 to [-1, 1] at every step.
+    dynamic_threshold: if > 0, Imagen's dynamic thresholding (Saharia et al. 2022, §2.3) at this
+      percentile of |x_0| per image, instead of the plain clip.
     """
-    def body(i, x):
-        t = jnp.full(x.shape[:1], s.num_steps - 1 - i, jnp.int32)
-        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        x = ancestral_step(s, denoise_fn(x, t), x, t, noise, target=target, variance=variance,
-                           clip_x0=clip_x0)
-        if progress is not None:
-            jax.debug.callback(progress, i)
-        return x
 
-    x0 = jax.lax.fori_loop(0, s.num_steps, body, x_T)
+    target: str = "eps"
+    learned_variance: bool = False
+    clip_x0: bool = True
+    dynamic_threshold: float = 0.0
+
+
+EPS_CLIPPED = Prediction()  # the defaults: ε-prediction, x_0 clipped to [-1, 1]
+EPS_UNCLIPPED = Prediction(clip_x0=False)
+
+
+def threshold_x0(x0: Array, clip_x0: bool, dynamic_threshold: float) -> Array:
+    """Clips x_0 [B, ...] to [-1, 1], or to [-q, q] then / q with q the per-image percentile."""
+    if dynamic_threshold > 0:
+        flat = jnp.abs(x0).reshape(x0.shape[0], -1)
+        q = jnp.maximum(jnp.quantile(flat, dynamic_threshold, axis=1), 1.0)
+        q = q.reshape((-1,) + (1,) * (x0.ndim - 1))
+        return jnp.clip(x0, -q, q) / q
     return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
 
-SAMPLERS: dict[str, Callable[..., Array]] = {"ddpm": ddpm_sample}
+def predict(denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array,
+            pred: Prediction) -> tuple[Array, Array, Array | None]:
+    """One network call at timestep t (a scalar): (x̂_0, ε̂, v or None), x̂_0 thresholded.
+
+    After thresholding, ε̂ is recomputed from x̂_0, so every update stays on the line through x_t.
+    """
+    tb = jnp.full(x.shape[:1], t, jnp.int32)
+    out, v = schedules.split_prediction(denoise_fn(x, tb).astype(x.dtype), pred.learned_variance)
+    x0, eps = schedules.to_x0_eps(s, x, tb, out, pred.target)
+    if pred.clip_x0 or pred.dynamic_threshold > 0:
+        x0 = threshold_x0(x0, pred.clip_x0, pred.dynamic_threshold)
+        ab = jnp.maximum(s.alpha_bar[t], MIN_ALPHA_BAR)
+        eps = (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
+    return x0, eps, v
+
+
+# --- pure step functions, x_t → x_s between the noise levels ᾱ_t < ᾱ_s ---------------------------
+
+
+def ancestral_step(x: Array, x0: Array, ab_t: Array, ab_s: Array, noise: Array, *,
+                   variance: str = "beta", v: Array | None = None) -> Array:
+    """x_s ~ p(x_s | x_t) = N(posterior mean given x̂_0, σ²) (DDPM Algorithm 2 via eq. 7).
+
+    For a sub-sequence of steps the jump's β and β̃ are recomputed from ᾱ (Improved DDPM §4).
+    σ² is β ("beta"), β̃ ("posterior"), or interpolated by the network's v ("learned").
+    No noise is added on the jump to the clean image (ᾱ_s = 1).
+    """
+    c = schedules.transition(ab_t, ab_s)
+    mean = c["coef_x0"] * x0 + c["coef_xt"] * x
+    log_beta_tilde = jnp.log(jnp.maximum(c["posterior_variance"], 1e-20))
+    if variance == "learned":
+        log_var = schedules.interpolate_log_variance(v, log_beta_tilde, jnp.log(c["beta"]))
+    elif variance == "beta":
+        log_var = jnp.log(c["beta"])
+    elif variance == "posterior":
+        log_var = log_beta_tilde
+    else:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {schedules.VARIANCES}")
+    return jnp.where(ab_s < 1.0, mean + jnp.exp(0.5 * log_var) * noise, mean)
+
+
+def ddim_step(x0: Array, eps: Array, ab_t: Array, ab_s: Array, eta: Array,
+              noise: Array) -> Array:
+    """DDIM (Song et al. 2021, eq. 12): x_s = √ᾱ_s x̂_0 + √(1 - ᾱ_s - σ²) ε̂ + σ z, with
+    σ = η √((1 - ᾱ_s)/(1 - ᾱ_t)) √(1 - ᾱ_t/ᾱ_s) (eq. 16). η = 0 is deterministic."""
+    sigma = eta * jnp.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
+    direction = jnp.sqrt(jnp.maximum(1.0 - ab_s - sigma ** 2, 0.0)) * eps
+    return jnp.sqrt(ab_s) * x0 + direction + sigma * noise
+
+
+def dpm_solver_pp_step(x: Array, d: Array, ab_t: Array, ab_s: Array) -> Array:
+    """The DPM-Solver++ update (Lu et al. 2022, eq. 8) with data prediction d:
+    x_s = (σ_s/σ_t) x_t - α_s (e^{-h} - 1) d, written through e^{-h} = α_t σ_s / (σ_t α_s) so that
+    σ_s = 0 (the clean image) and α_t = 0 (zero terminal SNR) stay finite."""
+    a_t, a_s = jnp.sqrt(ab_t), jnp.sqrt(ab_s)
+    sig_t, sig_s = jnp.sqrt(1.0 - ab_t), jnp.sqrt(1.0 - ab_s)
+    return (sig_s / sig_t) * x + (a_s - a_t * sig_s / sig_t) * d
+
+
+def half_log_snr(ab: Array) -> Array:
+    """λ = log(α/σ), DPM-Solver's time variable; finite for ᾱ in [MIN_ALPHA_BAR, 1)."""
+    ab = jnp.clip(ab, MIN_ALPHA_BAR, 1.0 - 1e-7)
+    return 0.5 * (jnp.log(ab) - jnp.log1p(-ab))
+
+
+def dpm_solver_pp_2m_data(x0: Array, x0_prev: Array, lam_prev: Array, lam_t: Array,
+                          lam_s: Array) -> Array:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): D = (1 + 1/2r) x̂_0 - (1/2r) x̂_0,prev with
+    r = h_prev / h; this D goes into `dpm_solver_pp_step` in place of x̂_0."""
+    r = (lam_t - lam_prev) / (lam_s - lam_t)
+    return (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_prev
+
+
+def sigma_edm(ab: Array) -> Array:
+    """EDM's noise level σ = √((1 - ᾱ)/ᾱ) for the variance-preserving x = √ᾱ (y), y = x0 + σ n."""
+    ab = jnp.maximum(ab, MIN_ALPHA_BAR)
+    return jnp.sqrt((1.0 - ab) / ab)
+
+
+# --- the compiled loops -------------------------------------------------------------------------
+
+
+def _levels(s: schedules.Schedule, table: Array, i: Array):
+    table = jnp.asarray(table)
+    t, t_next = table[i], table[i + 1]
+    return t, t_next, _alpha_bar(s, t), _alpha_bar(s, t_next)
+
+
+def _loop(body: Callable, n: Array, init, progress: Callable[[Array], None] | None):
+    def wrapped(i, carry):
+        carry = body(i, carry)
+        if progress is not None:
+            jax.debug.callback(progress, i)
+        return carry
+    return jax.lax.fori_loop(0, n, wrapped, init)
+
+
+def _finish(x: Array, pred: Prediction) -> Array:
+    return jnp.clip(x, -1.0, 1.0) if (pred.clip_x0 or pred.dynamic_threshold > 0) else x
+
+
+def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
+                table: Array, num_steps: Array, *, eta: Array = 0.0, variance: str = "beta",
+                pred: Prediction = EPS_CLIPPED,
+                progress: Callable[[Array], None] | None = None) -> Array:
+    """The ancestral sampler (DDPM), on the full chain or a respaced sub-sequence.
+
+    Args (shared by every sampler in SAMPLERS):
+      denoise_fn: `(x_t [B, H, W, C], t [B] int32) -> network output`.
+      s: the noise schedule.
+      x_T: the starting noise [B, H, W, C].
+      key: PRNG key; step i draws its noise from `fold_in(key, i)`.
+      table: [M + 1] int32 from `timestep_table`; num_steps: int32 ≤ M, traced.
+      eta: DDIM's η (traced; only DDIM reads it).
+      variance: "beta" or "posterior" for fixed-variance models (ignored with learned variances).
+      pred: how to read the network output (`Prediction`).
+      progress: optional host callback, called with the step index after each step (through
+        `jax.debug.callback`, so it may run once per device).
+
+    Returns:
+      x_0 samples [B, H, W, C] (images in [-1, 1] when clipping or thresholding).
+    """
+    variance = "learned" if pred.learned_variance else variance
+
+    def body(i, x):
+        t, _, ab_t, ab_s = _levels(s, table, i)
+        x0, _, v = predict(denoise_fn, s, x, t, pred)
+        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return ancestral_step(x, x0, ab_t, ab_s, noise, variance=variance, v=v)
+
+    return _finish(_loop(body, num_steps, x_T, progress), pred)
+
+
+def ddim_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
+                table: Array, num_steps: Array, *, eta: Array = 0.0, variance: str = "beta",
+                pred: Prediction = EPS_CLIPPED,
+                progress: Callable[[Array], None] | None = None) -> Array:
+    """DDIM with η ∈ [0, 1] (η = 0: the deterministic, invertible sampler). See `ddpm_sample`."""
+    def body(i, x):
+        t, _, ab_t, ab_s = _levels(s, table, i)
+        x0, eps, _ = predict(denoise_fn, s, x, t, pred)
+        noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+        return ddim_step(x0, eps, ab_t, ab_s, eta, noise)
+
+    return _finish(_loop(body, num_steps, x_T, progress), pred)
+
+
+def dpm_solver_pp_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
+                         table: Array, num_steps: Array, *, eta: Array = 0.0,
+                         variance: str = "beta", pred: Prediction = EPS_CLIPPED,
+                         progress: Callable[[Array], None] | None = None) -> Array:
+    """DPM-Solver++(2M): second-order multistep on data predictions; first order on the first
+    step (no history yet) and on the last (the jump to σ = 0, where r = 0). Deterministic; one
+    network call per step. See `ddpm_sample` for the arguments."""
+    def body(i, carry):
+        x, x0_prev, lam_prev = carry
+        t, t_next, ab_t, ab_s = _levels(s, table, i)
+        x0, _, _ = predict(denoise_fn, s, x, t, pred)
+        lam_t, lam_s = half_log_snr(ab_t), half_log_snr(ab_s)
+        second = (i > 0) & (t_next >= 0)
+        d = jnp.where(second, dpm_solver_pp_2m_data(x0, x0_prev, lam_prev, lam_t, lam_s), x0)
+        return dpm_solver_pp_step(x, d, ab_t, ab_s), x0, lam_t
+
+    init = (x_T, jnp.zeros_like(x_T), jnp.zeros((), x_T.dtype))
+    x, _, _ = _loop(body, num_steps, init, progress)
+    return _finish(x, pred)
+
+
+def heun_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
+                table: Array, num_steps: Array, *, eta: Array = 0.0, variance: str = "beta",
+                pred: Prediction = EPS_CLIPPED,
+                progress: Callable[[Array], None] | None = None) -> Array:
+    """Heun's 2nd-order method on the probability-flow ODE dy/dσ = ε̂ (Karras et al. 2022,
+    Algorithm 1 without churn), y = x/√ᾱ, σ = √((1-ᾱ)/ᾱ). The last step (to σ = 0) is an Euler
+    step, so n steps cost 2n - 1 network calls. See `ddpm_sample` for the arguments."""
+    def body(i, x):
+        t, t_next, ab_t, ab_s = _levels(s, table, i)
+        _, eps_t, _ = predict(denoise_fn, s, x, t, pred)
+        a_t, a_s = jnp.sqrt(jnp.maximum(ab_t, MIN_ALPHA_BAR)), jnp.sqrt(ab_s)
+        y = x / a_t
+        dsig = sigma_edm(ab_s) - sigma_edm(ab_t)
+        y_euler = y + dsig * eps_t
+
+        def correct(_):
+            _, eps_s, _ = predict(denoise_fn, s, a_s * y_euler, t_next, pred)
+            return y + dsig * 0.5 * (eps_t + eps_s)
+
+        y_next = jax.lax.cond(t_next >= 0, correct, lambda _: y_euler, None)
+        return a_s * y_next
+
+    return _finish(_loop(body, num_steps, x_T, progress), pred)
+
+
+SAMPLERS: dict[str, Callable[..., Array]] = {
+    "ddpm": ddpm_sample,
+    "ddim": ddim_sample,
+    "dpm_solver_pp": dpm_solver_pp_sample,
+    "heun": heun_sample,
+}
+
+
+def network_calls(sampler: str, steps: int) -> int:
+    """Network evaluations per sample: `steps`, or 2·steps - 1 for Heun."""
+    return 2 * steps - 1 if sampler == "heun" else steps
+
+
+def ddim_invert(denoise_fn: DenoiseFn, s: schedules.Schedule, x0: Array, table: Array,
+                num_steps: Array, *, pred: Prediction = EPS_UNCLIPPED,
+                progress: Callable[[Array], None] | None = None) -> Array:
+    """DDIM inversion, image → noise: the η = 0 update run upwards through the same table.
+
+    Each step x_a → x_b (ᾱ_b < ᾱ_a) evaluates the network at the target timestep b on x_a and
+    applies x_b = √ᾱ_b x̂_0 + √(1 - ᾱ_b) ε̂ (the standard inversion; its error vanishes as the
+    steps shrink). `ddim_sample` with η = 0 on the same table maps the result back to ≈ x0.
+
+    Returns:
+      x_T-like latents [B, H, W, C] at the table's first (noisiest) timestep.
+    """
+    table = jnp.asarray(table)
+
+    def body(i, x):
+        a, b = table[num_steps - i], table[num_steps - 1 - i]
+        ab_a, ab_b = _alpha_bar(s, a), _alpha_bar(s, b)
+        _, eps, _ = predict(denoise_fn, s, x, b, pred)
+        x0_hat = (x - jnp.sqrt(1.0 - ab_a) * eps) / jnp.sqrt(ab_a)
+        if pred.clip_x0 or pred.dynamic_threshold > 0:
+            x0_hat = threshold_x0(x0_hat, pred.clip_x0, pred.dynamic_threshold)
+        return jnp.sqrt(ab_b) * x0_hat + jnp.sqrt(1.0 - ab_b) * eps
+
+    return _loop(body, num_steps, x0, progress)

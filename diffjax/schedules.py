@@ -92,16 +92,33 @@ class Schedule:
         return self.betas.shape[0]
 
 
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Shifts and scales √ᾱ so that ᾱ_T = 0 while ᾱ_1 is unchanged (Lin et al. 2024, Algorithm 1).
+
+    The last β becomes 1: x_T is pure noise, as at sampling time. ε-prediction is undefined there,
+    so such schedules are meant for v (or x_0) prediction.
+    """
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    alpha_bar = ((sqrt_ab - last) * first / (first - last)) ** 2
+    return 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])
+
+
 def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
-    """Derives every schedule quantity from β in float64, then casts to `dtype`."""
+    """Derives every schedule quantity from β in float64, then casts to `dtype`.
+
+    0 < β < 1 everywhere, except that the last β may be 1 (a zero-terminal-SNR schedule).
+    """
     betas = np.asarray(betas, dtype=np.float64)
-    if betas.ndim != 1 or np.any(betas <= 0) or np.any(betas >= 1):
-        raise ValueError("betas must be a 1-D sequence with 0 < β < 1")
+    if betas.ndim != 1 or np.any(betas <= 0) or np.any(betas[:-1] >= 1) or betas[-1] > 1:
+        raise ValueError("betas must be a 1-D sequence with 0 < β < 1 (the last β may be 1)")
     alphas = 1.0 - betas
     alpha_bar = np.cumprod(alphas)
     alpha_bar_prev = np.append(1.0, alpha_bar[:-1])
     post_var = betas * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
     post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas)
+    with np.errstate(divide="ignore"):  # log-SNR is -inf where ᾱ = 0 (zero terminal SNR)
+        log_snr = np.log(alpha_bar) - np.log1p(-alpha_bar)
     fields = dict(
         betas=betas,
         alphas=alphas,
@@ -109,7 +126,7 @@ def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
         alpha_bar_prev=alpha_bar_prev,
         sqrt_alpha_bar=np.sqrt(alpha_bar),
         sqrt_one_minus_alpha_bar=np.sqrt(1.0 - alpha_bar),
-        log_snr=np.log(alpha_bar) - np.log1p(-alpha_bar),
+        log_snr=log_snr,
         posterior_variance=post_var,
         posterior_log_variance_clipped=post_log_var,
         posterior_mean_coef_x0=betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar),
@@ -118,13 +135,20 @@ def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
     return Schedule(**{k: jnp.asarray(v, dtype=dtype) for k, v in fields.items()})
 
 
-def make_schedule(name: str, num_steps: int = 1000, dtype=jnp.float32, **kwargs) -> Schedule:
-    """Builds a named schedule ("linear", "cosine", "scaled_linear", "sigmoid")."""
+def make_schedule(name: str, num_steps: int = 1000, dtype=jnp.float32, *,
+                  zero_terminal_snr: bool = False, **kwargs) -> Schedule:
+    """Builds a named schedule ("linear", "cosine", "scaled_linear", "sigmoid").
+
+    With `zero_terminal_snr`, the β's are rescaled so that ᾱ_T = 0 (`rescale_zero_terminal_snr`).
+    """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
     if num_steps < 2:
         raise ValueError(f"num_steps must be at least 2, got {num_steps}")
-    return schedule_from_betas(SCHEDULES[name](num_steps, **kwargs), dtype)
+    betas = SCHEDULES[name](num_steps, **kwargs)
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return schedule_from_betas(betas, dtype)
 
 
 # --- the forward process, the posterior and the parameterizations --------------------------------
@@ -197,3 +221,61 @@ def to_x0_eps(s: Schedule, x_t: Array, t: Array, prediction: Array,
     if target == "v":
         return x0_from_v(s, x_t, t, prediction), eps_from_v(s, x_t, t, prediction)
     raise ValueError(f"unknown prediction target {target!r}; choose one of {PREDICTION_TARGETS}")
+
+
+# --- the reverse process p(x_{t-1} | x_t) --------------------------------------------------------
+
+VARIANCES = ("beta", "posterior", "learned")
+
+
+def transition(alpha_bar_t: Array, alpha_bar_s: Array) -> dict[str, Array]:
+    """The one-jump process between noise levels ᾱ_s > ᾱ_t (s earlier than t), for any pair.
+
+    With s = t - 1 these are the schedule's β, β̃ and eq. 7 coefficients; for a sub-sequence of
+    steps they are the respaced chain of Improved DDPM (§4: β = 1 - ᾱ_t / ᾱ_s). ᾱ_s = 1 is the
+    jump to the clean image, where β̃ = 0.
+    """
+    beta = 1.0 - alpha_bar_t / alpha_bar_s
+    one_minus_t = 1.0 - alpha_bar_t
+    return dict(
+        beta=beta,
+        posterior_variance=beta * (1.0 - alpha_bar_s) / one_minus_t,
+        coef_x0=beta * jnp.sqrt(alpha_bar_s) / one_minus_t,
+        coef_xt=(1.0 - alpha_bar_s) * jnp.sqrt(1.0 - beta) / one_minus_t,
+    )
+
+
+def interpolate_log_variance(v: Array, log_beta_tilde: Array, log_beta: Array) -> Array:
+    """Improved DDPM eq. 15: log Σ = u log β + (1 - u) log β̃ with u = (v + 1) / 2, v ∈ [-1, 1]."""
+    u = (v + 1.0) / 2.0
+    return u * log_beta + (1.0 - u) * log_beta_tilde
+
+
+def model_log_variance(s: Schedule, t: Array, ndim: int, variance: str,
+                       v: Array | None = None) -> Array:
+    """log σ_t² of the model's p(x_{t-1} | x_t) (DDPM §3.2, Improved DDPM §3.1).
+
+    "beta": σ_t² = β_t (optimal for x_0 ~ N(0, I)); its first entry is replaced by β̃ of the second
+    step, as in DDPM's reference code, so the decoder at t = 0 does not get the variance of a
+    data-scale image. "posterior": σ_t² = β̃_t (optimal for a point mass x_0), log clipped at t = 0.
+    "learned": interpolated between the two by the network's extra output `v` [B, H, W, C].
+    """
+    log_beta = jnp.log(jnp.concatenate([s.posterior_variance[1:2], s.betas[1:]]))
+    if variance == "beta":
+        return extract(log_beta, t, ndim)
+    if variance == "posterior":
+        return extract(s.posterior_log_variance_clipped, t, ndim)
+    if variance == "learned":
+        if v is None:
+            raise ValueError("variance='learned' needs the network's variance output v")
+        return interpolate_log_variance(v, extract(s.posterior_log_variance_clipped, t, ndim),
+                                        extract(jnp.log(s.betas), t, ndim))
+    raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+
+
+def split_prediction(prediction: Array, learned_variance: bool) -> tuple[Array, Array | None]:
+    """A network output [B, H, W, 2C] with learned variances → (prediction, v); else (out, None)."""
+    if not learned_variance:
+        return prediction, None
+    pred, v = jnp.split(prediction, 2, axis=-1)
+    return pred, v

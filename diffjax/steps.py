@@ -23,6 +23,7 @@ class TrainState:
     params: Any
     opt_state: Any
     ema_params: Any
+    loss_history: losses.LossHistory  # per-t L_t history, for importance sampling of t
 
 
 def make_optimizer(lr: float, warmup_steps: int, weight_decay: float, b1: float, b2: float,
@@ -53,31 +54,35 @@ def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
     return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
 
 
-def make_init_fn(model: UNet, tx: optax.GradientTransformation,
-                 image_shape: tuple[int, ...]) -> Callable[[Array], TrainState]:
+def make_init_fn(model: UNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
+                 num_timesteps: int) -> Callable[[Array], TrainState]:
     def init(key):
         x, t, label = _dummy_inputs(model, image_shape)
         params = model.init(key, x, t, label=label)["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), ema_params=params)
+                          opt_state=tx.init(params), ema_params=params,
+                          loss_history=losses.init_loss_history(num_timesteps))
     return init
 
 
 def abstract_train_state(model: UNet, tx: optax.GradientTransformation,
-                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> TrainState:
+                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
+                         num_timesteps: int) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
-    abstract = jax.eval_shape(make_init_fn(model, tx, image_shape), jax.random.key(0))
+    abstract = jax.eval_shape(make_init_fn(model, tx, image_shape, num_timesteps),
+                              jax.random.key(0))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, state_shardings(abstract, mesh))
 
 
 def create_train_state(model: UNet, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], key: Array,
-                       mesh: jax.sharding.Mesh) -> TrainState:
+                       image_shape: tuple[int, ...], key: Array, mesh: jax.sharding.Mesh, *,
+                       num_timesteps: int) -> TrainState:
     """Initialises the state under jit, so every leaf is a global array with its sharding."""
-    abstract = abstract_train_state(model, tx, image_shape, mesh)
+    abstract = abstract_train_state(model, tx, image_shape, mesh, num_timesteps=num_timesteps)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return jax.jit(make_init_fn(model, tx, image_shape), out_shardings=shardings)(key)
+    return jax.jit(make_init_fn(model, tx, image_shape, num_timesteps),
+                   out_shardings=shardings)(key)
 
 
 def ema_decay_at(step: Array, decay: float) -> Array:
@@ -105,28 +110,35 @@ def compiler_options() -> dict | None:
 
 def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, abstract_state: TrainState, *, target: str = "eps",
-                    ema_decay: float = 0.9999):
+                    ema_decay: float = 0.9999, t_sampling: str = "uniform", **loss_kwargs):
     """Builds the compiled step `(state, batch, key) -> (state, metrics)`.
 
     The batch is split over the mesh's data axis, the state is replicated and donated; the step's
-    randomness is `fold_in(key, state.step)`, so a resumed run draws the same keys.
+    randomness is `fold_in(key, state.step)`, so a resumed run draws the same keys. `loss_kwargs`
+    go to `losses.training_losses` (loss, learned_variance, variance, vlb_weight, min_snr_gamma).
     """
     def step(state: TrainState, batch: dict, key: Array):
-        loss_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
+        t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
         label = batch["label"] if model.num_classes else None
+        x0 = batch["image"]
+        t, weights = losses.sample_timesteps(t_key, x0.shape[0], state.loss_history, t_sampling)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
 
         def loss_fn(params):
             denoise = make_denoise_fn(model, params, label, train=True, dropout_key=dropout_key)
-            return jnp.mean(losses.simple_loss(schedule, denoise, batch["image"], loss_key,
-                                               target))
+            terms = losses.training_losses(schedule, denoise, x0, t, noise, target=target,
+                                           **loss_kwargs)
+            return jnp.mean(weights * terms["loss"]), terms
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.params)
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, ema_decay)
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        new_state = TrainState(state.step + 1, params, opt_state, ema)
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        history = losses.update_loss_history(state.loss_history, t, terms["vlb"])
+        new_state = TrainState(state.step + 1, params, opt_state, ema, history)
+        return new_state, {"loss": loss, "mse": jnp.mean(terms["mse"]),
+                           "vlb": jnp.mean(terms["vlb"]), "grad_norm": optax.global_norm(grads)}
 
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
@@ -135,12 +147,32 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
 
 
 def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                   target: str = "eps"):
-    """Compiled `(params, batch, key) -> per-example loss [B]` on a batch split over the mesh."""
+                   target: str = "eps", **loss_kwargs):
+    """Compiled `(params, batch, key) -> per-example training loss [B]`, t uniform, batch split
+    over the mesh. `loss_kwargs` as in `make_train_step`."""
     def step(params, batch, key):
         label = batch["label"] if model.num_classes else None
-        return losses.simple_loss(schedule, make_denoise_fn(model, params, label),
-                                  batch["image"], key, target)
+        x0 = batch["image"]
+        t_key, noise_key = jax.random.split(key)
+        t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_steps)
+        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+        return losses.training_losses(schedule, make_denoise_fn(model, params, label), x0, t,
+                                      noise, target=target, **loss_kwargs)["loss"]
+
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(rep, batch_sh, rep), out_shardings=batch_sh,
+                   compiler_options=compiler_options())
+
+
+def make_bpd_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
+                  target: str = "eps", variance: str = "beta", learned_variance: bool = False):
+    """Compiled `(params, batch, key) -> {"total", "prior", "decoder", "kl"}`, each [B] bits/dim:
+    the whole variational bound, T network calls per batch (`losses.bits_per_dim`)."""
+    def step(params, batch, key):
+        label = batch["label"] if model.num_classes else None
+        return losses.bits_per_dim(schedule, make_denoise_fn(model, params, label),
+                                   batch["image"], key, target=target, variance=variance,
+                                   learned_variance=learned_variance)
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(step, in_shardings=(rep, batch_sh, rep), out_shardings=batch_sh,
@@ -148,21 +180,39 @@ def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
 
 
 def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh,
-                   shape: tuple[int, ...], *, sampler: str = "ddpm", target: str = "eps",
-                   **sampler_kwargs):
-    """Compiled `(params, key) -> samples [B, H, W, C]`: the whole chain, batch split over devices.
+                   shape: tuple[int, ...], *, sampler: str = "ddpm",
+                   pred: samplers.Prediction = samplers.EPS_CLIPPED, variance: str = "beta",
+                   progress: Callable[[Array], None] | None = None):
+    """Compiled `(params, key, table, num_steps, eta) -> samples [B, H, W, C]`.
 
-    Labels for class-conditional models are drawn uniformly from `key`.
+    The whole chain runs in one program with the batch split over devices. `table` and
+    `num_steps` come from `samplers.timestep_table`; they and η are traced, so one compilation
+    serves every step count up to the table's size. Labels for class-conditional models are
+    drawn uniformly from `key`.
     """
-    def sample(params, key):
+    def sample(params, key, table, num_steps, eta):
         noise_key, label_key, loop_key = jax.random.split(key, 3)
         x_T = jax.random.normal(noise_key, shape, jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharded(mesh))
         label = (jax.random.randint(label_key, shape[:1], 0, model.num_classes)
                  if model.num_classes else None)
-        return samplers.SAMPLERS[sampler](make_denoise_fn(model, params, label), schedule, x_T,
-                                          loop_key, target=target, **sampler_kwargs)
+        return samplers.SAMPLERS[sampler](
+            make_denoise_fn(model, params, label), schedule, x_T, loop_key, table, num_steps,
+            eta=eta, variance=variance, pred=pred, progress=progress)
 
     rep = sharding.replicated(mesh)
-    return jax.jit(sample, in_shardings=(rep, rep), out_shardings=sharding.batch_sharded(mesh),
+    return jax.jit(sample, in_shardings=(rep,) * 5, out_shardings=sharding.batch_sharded(mesh),
                    compiler_options=compiler_options())
+
+
+def make_invert_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
+                   pred: samplers.Prediction = samplers.EPS_UNCLIPPED):
+    """Compiled DDIM inversion `(params, images, table, num_steps, label) -> latents`, the
+    batch split over devices (`samplers.ddim_invert`); `label` is None for unconditional models."""
+    def invert(params, images, table, num_steps, label):
+        return samplers.ddim_invert(make_denoise_fn(model, params, label), schedule, images,
+                                    table, num_steps, pred=pred)
+
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(invert, in_shardings=(rep, batch_sh, rep, rep, batch_sh),
+                   out_shardings=batch_sh, compiler_options=compiler_options())

@@ -16,12 +16,13 @@ import numpy as np
 import optax
 import tqdm
 
-from diffjax import checkpoint, data, image_io, samplers, schedules, sharding
+from diffjax import checkpoint, data, image_io, losses, samplers, schedules, sharding
 from diffjax.models.unet import UNet
 from diffjax.steps import (
     TrainState,
     abstract_train_state,
     create_train_state,
+    make_bpd_step,
     make_eval_step,
     make_optimizer,
     make_sample_fn,
@@ -80,15 +81,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
              f"{sorted(schedules.SCHEDULES)}")
     if config.diffusion.num_steps < 2:
         fail("diffusion.num_steps", "must be at least 2")
-    if config.diffusion.target not in schedules.PREDICTION_TARGETS:
-        fail("diffusion.target", f"unknown {config.diffusion.target!r}; choose one of "
-             f"{schedules.PREDICTION_TARGETS}")
-    if config.sampler.name not in samplers.SAMPLERS:
-        fail("sampler.name", f"unknown {config.sampler.name!r}; choose one of "
-             f"{sorted(samplers.SAMPLERS)}")
-    if config.sampler.variance not in samplers.VARIANCES:
-        fail("sampler.variance", f"unknown {config.sampler.variance!r}; choose one of "
-             f"{samplers.VARIANCES}")
+    _check_diffusion(config.diffusion, fail)
+    _check_sampler(config.sampler, config.diffusion.num_steps, fail)
     n_dev = _mesh_size(config)
     for field, value in (("train.batch_size", tr.batch_size),
                          ("train.eval_batch_size", tr.eval_batch_size),
@@ -106,6 +100,44 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("optim.lr", "must be > 0")
 
 
+def _check_diffusion(df, fail) -> None:
+    for field, value, choices in (("target", df.target, schedules.PREDICTION_TARGETS),
+                                  ("loss", df.loss, losses.LOSSES),
+                                  ("t_sampling", df.t_sampling, losses.T_SAMPLING)):
+        if value not in choices:
+            fail(f"diffusion.{field}", f"unknown {value!r}; choose one of {choices}")
+    if df.zero_terminal_snr and df.target == "eps":
+        fail("diffusion.zero_terminal_snr", "ε-prediction is undefined at SNR 0 (x_T carries no "
+             "signal); set diffusion.target='v' (or 'x0')")
+    if df.loss == "hybrid" and not df.learned_variance:
+        fail("diffusion.loss", "'hybrid' trains the learned variance only; set "
+             "diffusion.learned_variance=True (or use loss='vlb')")
+    if df.t_sampling == "importance" and df.loss == "simple":
+        fail("diffusion.t_sampling", "importance sampling weighs t by the VLB history; it needs "
+             "diffusion.loss='hybrid' or 'vlb'")
+    if df.vlb_weight < 0 or df.min_snr_gamma < 0:
+        fail("diffusion.vlb_weight" if df.vlb_weight < 0 else "diffusion.min_snr_gamma",
+             "must be >= 0")
+
+
+def _check_sampler(sp, num_steps: int, fail) -> None:
+    for field, value, choices in (("name", sp.name, tuple(samplers.SAMPLERS)),
+                                  ("spacing", sp.spacing, samplers.SPACINGS),
+                                  ("variance", sp.variance, samplers.VARIANCES)):
+        if value not in choices:
+            fail(f"sampler.{field}", f"unknown {value!r}; choose one of {choices}")
+    if not 1 <= sp.steps <= num_steps:
+        fail("sampler.steps", f"{sp.steps} must be in [1, diffusion.num_steps={num_steps}]")
+    if sp.max_steps < sp.steps:
+        fail("sampler.max_steps", f"{sp.max_steps} < sampler.steps={sp.steps}; raise it (one "
+             f"compiled sampler serves every step count up to max_steps)")
+    if not 0.0 <= sp.eta <= 1.0:
+        fail("sampler.eta", f"must be in [0, 1], got {sp.eta}")
+    if not 0.0 <= sp.dynamic_threshold < 1.0:
+        fail("sampler.dynamic_threshold", f"a percentile in (0, 1), or 0 for off; got "
+             f"{sp.dynamic_threshold}")
+
+
 def _mesh_size(config) -> int:
     try:
         return sharding.make_mesh(config.mesh.data).size
@@ -118,6 +150,8 @@ def _model(config) -> UNet:
     kw["dtype"] = jnp.dtype(kw.pop("dtype"))
     kw["attention_resolutions"] = tuple(kw["attention_resolutions"])
     kw["channel_mults"] = tuple(kw["channel_mults"])
+    if config.diffusion.learned_variance:  # the mean and the variance interpolant v
+        kw["out_channels"] = 2 * config.data.channels
     return UNet(**kw)
 
 
@@ -127,7 +161,16 @@ def _optimizer(config) -> optax.GradientTransformation:
 
 
 def _schedule(config) -> schedules.Schedule:
-    return schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_steps)
+    df = config.diffusion
+    return schedules.make_schedule(df.schedule, df.num_steps,
+                                   zero_terminal_snr=df.zero_terminal_snr)
+
+
+def _loss_kwargs(config) -> dict:
+    df = config.diffusion
+    return dict(target=df.target, loss=df.loss, learned_variance=df.learned_variance,
+                variance=config.sampler.variance, vlb_weight=df.vlb_weight,
+                min_snr_gamma=df.min_snr_gamma)
 
 
 def _source(config, split: str):
@@ -151,21 +194,27 @@ class _Setup:
         root = jax.random.key(config.seed)
         self.init_key, self.train_key, self.sample_key, self.eval_key = jax.random.split(root, 4)
         self.abstract_state = abstract_train_state(self.model, self.tx, self.image_shape,
-                                                   self.mesh)
+                                                   self.mesh, num_timesteps=self.schedule.num_steps)
         self._sample_fns = {}
 
     def sample_fn(self, batch_size: int, progress=None):
-        """The compiled sampler; without a progress callback it is built (and compiled) once."""
-        if progress is None and batch_size in self._sample_fns:
-            return self._sample_fns[batch_size]
+        """`(params, key) -> samples` with the config's sampler, steps, spacing and η.
+
+        Without a progress callback the compiled program is built once per batch size.
+        """
         s = self.config.sampler
-        kwargs = {"progress": progress} if progress is not None else {}
-        fn = make_sample_fn(self.model, self.schedule, self.mesh, (batch_size, *self.image_shape),
-                            sampler=s.name, target=self.config.diffusion.target,
-                            variance=s.variance, clip_x0=s.clip_x0, **kwargs)
-        if progress is None:
-            self._sample_fns[batch_size] = fn
-        return fn
+        fn = self._sample_fns.get(batch_size) if progress is None else None
+        if fn is None:
+            pred = samplers.Prediction(self.config.diffusion.target,
+                                       self.config.diffusion.learned_variance, s.clip_x0,
+                                       s.dynamic_threshold)
+            fn = make_sample_fn(self.model, self.schedule, self.mesh,
+                                (batch_size, *self.image_shape), sampler=s.name, pred=pred,
+                                variance=s.variance, progress=progress)
+            if progress is None:
+                self._sample_fns[batch_size] = fn
+        table = samplers.timestep_table(self.schedule.num_steps, s.steps, s.spacing, s.max_steps)
+        return lambda params, key: fn(params, key, table, np.int32(s.steps), np.float32(s.eta))
 
 
 # --- logging ------------------------------------------------------------------------------------
@@ -214,7 +263,7 @@ def _write_samples(setup: _Setup, params, num: int, key, path: str,
 
     With `progress`, a bar follows every denoising step (a host callback inside the loop).
     """
-    bs, steps = setup.config.sampler.batch_size, setup.schedule.num_steps
+    bs, steps = setup.config.sampler.batch_size, setup.config.sampler.steps
     n_batches = math.ceil(num / bs)
     bar, batch_index = None, [0]
     if progress and jax.process_index() == 0:
@@ -260,11 +309,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         log.info("resumed from step %d in %s", last_saved, ckpt.directory)
     else:
         state = create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
-                                   setup.mesh)
+                                   setup.mesh, num_timesteps=setup.schedule.num_steps)
         last_saved = None
     train_step = make_train_step(setup.model, setup.schedule, setup.tx, setup.mesh,
-                                 setup.abstract_state, target=config.diffusion.target,
-                                 ema_decay=config.optim.ema_decay)
+                                 setup.abstract_state, ema_decay=config.optim.ema_decay,
+                                 t_sampling=config.diffusion.t_sampling, **_loss_kwargs(config))
     writer = MetricWriter(workdir)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
@@ -294,9 +343,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if at(tr.log_every_steps) or step == tr.num_steps:
                 values = _check_finite(pending, last_saved)
                 rate = len(pending) / (time.perf_counter() - t0)
-                writer.write(step, {"train/loss": float(np.mean(values)),
-                                    "train/grad_norm": float(metrics["grad_norm"]),
-                                    "train/steps_per_s": rate})
+                scalars = {"train/loss": float(np.mean(values)),
+                           "train/grad_norm": float(metrics["grad_norm"]),
+                           "train/steps_per_s": rate}
+                if config.diffusion.loss != "simple":  # the last step's parts
+                    scalars.update({"train/mse": float(metrics["mse"]),
+                                    "train/vlb_bpd": float(metrics["vlb"])})
+                writer.write(step, scalars)
                 bar.set_postfix(loss=f"{np.mean(values):.4f}")
                 pending, t0 = [], time.perf_counter()
             if at(tr.checkpoint_every_steps):
@@ -348,25 +401,38 @@ def sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = N
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None = None) -> dict:
-    """The mean simple loss of the EMA parameters over the whole test split."""
+    """The EMA parameters' mean training loss and bits/dim over the whole test split.
+
+    Bits/dim is the full variational bound (`losses.bits_per_dim`): T network calls per image, so
+    this costs about as much as sampling the test split with the T-step ancestral sampler.
+    """
     setup = _Setup(config)
     state, restored = _restore_for_inference(setup, workdir, step)
-    d = config.data
+    d, df = config.data, config.diffusion
     eval_iter = data.make_eval_iterator(_source(config, d.eval_split), image_size=d.image_size,
                                         channels=d.channels,
                                         batch_size=config.train.eval_batch_size)
-    eval_step = make_eval_step(setup.model, setup.schedule, setup.mesh,
-                               target=config.diffusion.target)
-    total, count = 0.0, 0
+    eval_step = make_eval_step(setup.model, setup.schedule, setup.mesh, **_loss_kwargs(config))
+    bpd_step = make_bpd_step(setup.model, setup.schedule, setup.mesh, target=df.target,
+                             variance=config.sampler.variance,
+                             learned_variance=df.learned_variance)
+    sums, count = {}, 0
+    log.info("eval: the bound costs %d network calls per test image", setup.schedule.num_steps)
     for i, batch in enumerate(tqdm.tqdm(eval_iter, desc="eval", unit="batch",
                                         disable=jax.process_index() != 0)):
         mask = batch.pop("mask")
-        loss = eval_step(state.ema_params, sharding.global_batch(batch, setup.mesh),
-                         jax.random.fold_in(setup.eval_key, i))
+        batch = sharding.global_batch(batch, setup.mesh)
+        key = jax.random.fold_in(setup.eval_key, i)
+        parts = {"loss": eval_step(state.ema_params, batch, key),
+                 **bpd_step(state.ema_params, batch, jax.random.fold_in(key, 1))}
         mask = sharding.to_host(sharding.global_batch(mask, setup.mesh))
-        total += float(np.sum(sharding.to_host(loss) * mask))
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + float(np.sum(sharding.to_host(value) * mask))
         count += int(mask.sum())
-    result = {"step": restored, "eval/loss": total / max(count, 1), "eval/examples": count}
+    names = {"loss": "eval/loss", "total": "eval/bpd", "prior": "eval/bpd_prior",
+             "decoder": "eval/bpd_decoder", "kl": "eval/bpd_kl"}
+    result = {"step": restored, **{names[k]: v / max(count, 1) for k, v in sums.items()},
+              "eval/examples": count}
     writer = MetricWriter(workdir)
     writer.write(restored, {k: v for k, v in result.items() if k.startswith("eval/")})
     writer.close()

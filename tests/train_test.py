@@ -17,8 +17,9 @@ def _setup(n_devices):
     model = UNet(**MODEL)
     tx = steps.make_optimizer(1e-3, 2, 0.0, 0.9, 0.999, 1.0)
     shape = (8, 8, 1)
-    abstract = steps.abstract_train_state(model, tx, shape, mesh)
-    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh)
+    abstract = steps.abstract_train_state(model, tx, shape, mesh, num_timesteps=100)
+    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh,
+                                     num_timesteps=100)
     step = steps.make_train_step(model, schedules.make_schedule("linear", 100), tx, mesh,
                                  abstract, ema_decay=0.99)
     return mesh, state, step
@@ -101,9 +102,9 @@ def test_sample_grids_reuse_one_compiled_sampler(tmp_path):
     config = digits.get_config("tiny")
     setup = train._Setup(config)
     state = steps.create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
-                                     setup.mesh)
+                                     setup.mesh, num_timesteps=setup.schedule.num_steps)
     for i in range(2):
         images = train._write_samples(setup, state.ema_params, 20, setup.sample_key,
                                       str(tmp_path / f"grid_{i}.png"))
     assert images.shape == (20, 8, 8, 1) and (tmp_path / "grid_1.png").exists()
-    assert setup.sample_fn(16)._cache_size() == 1
+    assert setup._sample_fns[16]._cache_size() == 1

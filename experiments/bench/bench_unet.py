@@ -55,7 +55,7 @@ def worker(case: str, mode: str, timed: int, warmup: int, sample_steps: int, dty
     import jax.numpy as jnp
     import numpy as np
 
-    from diffjax import schedules, sharding, steps
+    from diffjax import samplers, schedules, sharding, steps
     from diffjax.models.unet import UNet
 
     spec = CASES[case]
@@ -63,12 +63,13 @@ def worker(case: str, mode: str, timed: int, warmup: int, sample_steps: int, dty
     mesh = sharding.make_mesh(1)
     model = UNet(**spec["model"], dtype=jnp.dtype(dtype))
     tx = steps.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 0.0)
-    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh)
+    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh,
+                                     num_timesteps=1000)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     out = dict(case=case, mode=mode, batch=b, params=n_params, dtype=dtype,
                devices=jax.device_count(), backend=jax.default_backend())
     if mode == "train":
-        abstract = steps.abstract_train_state(model, tx, shape, mesh)
+        abstract = steps.abstract_train_state(model, tx, shape, mesh, num_timesteps=1000)
         step = steps.make_train_step(model, schedules.make_schedule("linear", 1000), tx, mesh,
                                      abstract)
         batch = sharding.global_batch({"image": np.random.default_rng(0).uniform(
@@ -84,7 +85,9 @@ def worker(case: str, mode: str, timed: int, warmup: int, sample_steps: int, dty
     else:
         sched = schedules.make_schedule("linear", sample_steps)
         fn = steps.make_sample_fn(model, sched, mesh, (b, *shape))
-        median, first = _timed(lambda: fn(state.ema_params, jax.random.key(2)),
+        table = samplers.timestep_table(sample_steps, sample_steps)
+        median, first = _timed(lambda: fn(state.ema_params, jax.random.key(2), table,
+                                          np.int32(sample_steps), np.float32(0.0)),
                                max(1, timed // 3), 1)
         out.update(median_s=median / sample_steps, full_1000_step_sample_s=median /
                    sample_steps * 1000, warmup_s=first)
