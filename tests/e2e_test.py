@@ -83,6 +83,10 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
     assert images.shape == (20, 8, 8, 1) and np.abs(images).max() <= 1.0
     result = train.evaluate(config, str(work))
     assert result["eval/examples"] == 296 and np.isfinite(result["eval/loss"])
+    # The bound: its parts add up (an untrained 9-step model's bound is loose: hundreds of bits).
+    parts = result["eval/bpd_prior"] + result["eval/bpd_decoder"] + result["eval/bpd_kl"]
+    np.testing.assert_allclose(result["eval/bpd"], parts, rtol=1e-5)
+    assert np.isfinite(result["eval/bpd"]) and result["eval/bpd_prior"] > 0
     lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/loss" in x for x in lines) and any("train/loss" in x for x in lines)
     assert (work / "samples" / f"step_{total:07d}.png").exists()
@@ -131,3 +135,27 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path, data_dir):
     assert res.returncode != 0 and "no_such_dataset" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_hybrid_loss_with_importance_sampling_then_fast_sampling_from_the_cli(tmp_path, data_dir):
+    """Learned variances + the hybrid loss + importance-sampled t: the per-t history is part of
+    the checkpoint; then --mode=sample with DPM-Solver++ at 5 steps, set on the command line."""
+    config = _config(data_dir, num_steps=4, checkpoint_every_steps=2)
+    config.diffusion.update(learned_variance=True, loss="hybrid", t_sampling="importance")
+    train.train_and_evaluate(config, str(tmp_path))
+    state, _, step = _restore(config, str(tmp_path))
+    assert step == 4 and int(state.loss_history.count.sum()) == 4 * 16
+    seen = np.asarray(state.loss_history.count) > 0
+    assert np.all(np.asarray(state.loss_history.values)[seen, 0] > 0)  # VLB terms were recorded
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["train/vlb_bpd"]) for x in lines if "train/vlb_bpd" in x)
+
+    flags = ["--mode=sample", "--num_samples=8", "--config.diffusion.learned_variance=True",
+             "--config.diffusion.loss=hybrid", "--config.sampler.name=dpm_solver_pp",
+             "--config.sampler.steps=5", "--config.sampler.spacing=trailing"]
+    res = subprocess.run(_cli(tmp_path, data_dir, *flags), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    images = np.load(tmp_path / "samples" / "sample_0000004.npz")["images"]
+    assert images.shape == (8, 8, 8, 1) and np.isfinite(images).all()
+    assert "dpm_solver_pp" in res.stderr  # the progress bar names the sampler

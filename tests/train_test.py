@@ -74,6 +74,15 @@ def test_ema_tracks_params_with_warmup():
     ("model.attention_resolutions", (3,), "model.attention_resolutions"),
     ("model.num_groups", 5, "model.num_groups"),
     ("sampler.variance", "big", "sampler.variance"),
+    ("sampler.name", "euler", "sampler.name: unknown 'euler'"),
+    ("sampler.steps", 2000, r"sampler.steps: 2000 must be in \[1, diffusion.num_steps=1000\]"),
+    ("sampler.spacing", "log", "sampler.spacing"),
+    ("sampler.eta", 1.5, "sampler.eta"),
+    ("sampler.dynamic_threshold", 1.5, "sampler.dynamic_threshold"),
+    ("diffusion.loss", "kl", "diffusion.loss: unknown 'kl'"),
+    ("diffusion.t_sampling", "importance", "diffusion.t_sampling: importance sampling"),
+    ("diffusion.zero_terminal_snr", True, "diffusion.zero_terminal_snr: ε-prediction"),
+    ("diffusion.loss", "hybrid", "diffusion.loss: 'hybrid' trains the learned variance"),
     ("mesh.data", 9, "mesh.data"),
 ])
 def test_bad_config_values_name_the_field(field, value, match):
@@ -91,8 +100,16 @@ def test_unknown_config_key_is_rejected():
         config.optim.lr_peak = 1.0
 
 
+def test_sampler_steps_above_the_compiled_maximum():
+    config = digits.get_config()
+    config.sampler.update(steps=500, max_steps=100)
+    with pytest.raises(ValueError, match="sampler.max_steps: 100 < sampler.steps=500"):
+        train.check_config(config)
+
+
 def test_digits_configs_are_valid():
     train.check_config(digits.get_config())
+    train.check_config(digits.get_config("hybrid"))
     train.check_config(digits.get_config("tiny"))
     with pytest.raises(ValueError, match="unknown variant"):
         digits.get_config("huge")
