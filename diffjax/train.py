@@ -388,6 +388,16 @@ def _restore_for_inference(setup: _Setup, workdir: str, step: int | None):
     return state, restored
 
 
+def load_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+    """For notebooks and studies: `(setup, ema_params, step)` from a workdir's checkpoint.
+
+    `setup.model`, `setup.schedule` and `setup.mesh` are what `steps.make_sample_fn` takes.
+    """
+    setup = _Setup(config)
+    state, restored = _restore_for_inference(setup, workdir, step)
+    return setup, state.ema_params, restored
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
            num_samples: int | None = None) -> str:
     """Samples from a checkpoint's EMA parameters; writes `samples/sample_<step>.png` and `.npz`."""
