@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_groups=32,  # GroupNorm groups.
         norm_eps=1e-6,  # GroupNorm epsilon.
         num_classes=0,  # >0: class-conditional on the dataset's labels.
+        remat=False,  # Recompute block activations in the backward pass (saves memory).
         dtype="float32",  # Compute dtype: float32 or bfloat16.
     )
     config.diffusion = dict(
@@ -72,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     config.train = dict(
         batch_size=64,  # Global batch, split over all devices and processes.
+        grad_accum_steps=1,  # Microbatches per step (gradients averaged; saves memory).
         num_steps=2500,  # Training steps in total (a resumed run stops here too).
         log_every_steps=100,  # Loss to TensorBoard and metrics.jsonl.
         checkpoint_every_steps=500,  # Orbax checkpoint cadence.
@@ -81,7 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_batch_size=64,  # Batch for --mode=eval.
     )
     config.mesh = dict(
-        data=-1,  # Devices on the data axis; -1 = all.
+        data=-1,  # Devices on the data axis; -1 = all the devices / fsdp.
+        fsdp=1,  # Devices that split parameters and optimizer state (FSDP); batch uses both.
     )
 
     if arg == "tiny":

@@ -50,8 +50,9 @@ def _dummy_inputs(model: UNet, image_shape: tuple[int, ...]):
 
 
 def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Parameters, optimizer state and EMA replicated over the mesh."""
-    return jax.tree.map(lambda _: sharding.replicated(mesh), abstract_state)
+    """Parameters, optimizer state and EMA split over the mesh's `fsdp` axis by the FSDP rule
+    (`sharding.fsdp_spec`); replicated when mesh.fsdp = 1."""
+    return sharding.state_sharding(abstract_state, mesh)
 
 
 def make_init_fn(model: UNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
@@ -110,27 +111,61 @@ def compiler_options() -> dict | None:
 
 def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh, abstract_state: TrainState, *, target: str = "eps",
-                    ema_decay: float = 0.9999, t_sampling: str = "uniform", **loss_kwargs):
+                    ema_decay: float = 0.9999, t_sampling: str = "uniform",
+                    grad_accum_steps: int = 1, **loss_kwargs):
     """Builds the compiled step `(state, batch, key) -> (state, metrics)`.
 
-    The batch is split over the mesh's data axis, the state is replicated and donated; the step's
-    randomness is `fold_in(key, state.step)`, so a resumed run draws the same keys. `loss_kwargs`
-    go to `losses.training_losses` (loss, learned_variance, variance, vlb_weight, min_snr_gamma).
+    The batch is split over every device of the mesh, the state is laid out by `state_shardings`
+    and donated; the step's randomness is `fold_in(key, state.step)`, so a resumed run draws the
+    same keys. With `grad_accum_steps` = k the batch is processed as k microbatches in a
+    `lax.scan` (activation memory of one microbatch) and their gradients averaged: the same update
+    as one batch. `loss_kwargs` go to `losses.training_losses` (loss, learned_variance, variance,
+    vlb_weight, min_snr_gamma).
     """
+    batch_sh = sharding.batch_sharded(mesh)
+
+    def grads_of(params, x0, t, noise, weights, label, dropout_key):
+        def loss_fn(params):
+            denoise = make_denoise_fn(model, params, label, train=True, dropout_key=dropout_key)
+            terms = losses.training_losses(schedule, denoise, x0, t, noise, target=target,
+                                           **loss_kwargs)
+            return jnp.mean(weights * terms["loss"]), terms
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+    def accumulate(params, inputs, dropout_key):
+        k = grad_accum_steps
+        # Microbatch i takes every k-th example, so each microbatch stays spread over all devices.
+        split = lambda a: jax.lax.with_sharding_constraint(  # noqa: E731
+            jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                None, sharding.BATCH_AXES)))
+        micro = jax.tree.map(split, inputs)
+
+        def body(acc, xs):
+            i, mb = xs
+            (loss, terms), grads = grads_of(params, *mb, jax.random.fold_in(dropout_key, i))
+            acc = jax.tree.map(jnp.add, acc, (loss, grads))
+            return acc, terms
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), terms = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+        merge = lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])  # noqa: E731
+        return (loss / k, jax.tree.map(merge, terms)), jax.tree.map(lambda g: g / k, grads)
+
     def step(state: TrainState, batch: dict, key: Array):
         t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
         label = batch["label"] if model.num_classes else None
         x0 = batch["image"]
         t, weights = losses.sample_timesteps(t_key, x0.shape[0], state.loss_history, t_sampling)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-
-        def loss_fn(params):
-            denoise = make_denoise_fn(model, params, label, train=True, dropout_key=dropout_key)
-            terms = losses.training_losses(schedule, denoise, x0, t, noise, target=target,
-                                           **loss_kwargs)
-            return jnp.mean(weights * terms["loss"]), terms
-
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        t, weights, noise = (jax.lax.with_sharding_constraint(a, batch_sh)
+                             for a in (t, weights, noise))
+        if grad_accum_steps > 1:
+            (loss, terms), grads = accumulate(state.params, (x0, t, noise, weights, label),
+                                              dropout_key)
+        else:
+            (loss, terms), grads = grads_of(state.params, x0, t, noise, weights, label,
+                                            dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, ema_decay)
@@ -141,13 +176,19 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
                            "vlb": jnp.mean(terms["vlb"]), "grad_norm": optax.global_norm(grads)}
 
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
-    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    rep = sharding.replicated(mesh)
     return jax.jit(step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
                    donate_argnums=0, compiler_options=compiler_options())
 
 
+def _params_sharding(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
+    """The parameters' shardings (a pytree, e.g. from `abstract_train_state(...).ema_params`), or
+    replicated when None."""
+    return sharding.replicated(mesh) if params_sharding is None else params_sharding
+
+
 def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                   target: str = "eps", **loss_kwargs):
+                   target: str = "eps", params_sharding: Any = None, **loss_kwargs):
     """Compiled `(params, batch, key) -> per-example training loss [B]`, t uniform, batch split
     over the mesh. `loss_kwargs` as in `make_train_step`."""
     def step(params, batch, key):
@@ -160,12 +201,14 @@ def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
                                       noise, target=target, **loss_kwargs)["loss"]
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(rep, batch_sh, rep), out_shardings=batch_sh,
+    return jax.jit(step, in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
+                   out_shardings=batch_sh,
                    compiler_options=compiler_options())
 
 
 def make_bpd_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                  target: str = "eps", variance: str = "beta", learned_variance: bool = False):
+                  target: str = "eps", variance: str = "beta", learned_variance: bool = False,
+                  params_sharding: Any = None):
     """Compiled `(params, batch, key) -> {"total", "prior", "decoder", "kl"}`, each [B] bits/dim:
     the whole variational bound, T network calls per batch (`losses.bits_per_dim`)."""
     def step(params, batch, key):
@@ -175,14 +218,15 @@ def make_bpd_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.
                                    learned_variance=learned_variance)
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(rep, batch_sh, rep), out_shardings=batch_sh,
+    return jax.jit(step, in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
+                   out_shardings=batch_sh,
                    compiler_options=compiler_options())
 
 
 def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh,
                    shape: tuple[int, ...], *, sampler: str = "ddpm",
                    pred: samplers.Prediction = samplers.EPS_CLIPPED, variance: str = "beta",
-                   progress: Callable[[Array], None] | None = None):
+                   progress: Callable[[Array], None] | None = None, params_sharding: Any = None):
     """Compiled `(params, key, table, num_steps, eta) -> samples [B, H, W, C]`.
 
     The whole chain runs in one program with the batch split over devices. `table` and
@@ -201,12 +245,14 @@ def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
             eta=eta, variance=variance, pred=pred, progress=progress)
 
     rep = sharding.replicated(mesh)
-    return jax.jit(sample, in_shardings=(rep,) * 5, out_shardings=sharding.batch_sharded(mesh),
+    return jax.jit(sample, in_shardings=(_params_sharding(params_sharding, mesh),) + (rep,) * 4,
+                   out_shardings=sharding.batch_sharded(mesh),
                    compiler_options=compiler_options())
 
 
 def make_invert_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                   pred: samplers.Prediction = samplers.EPS_UNCLIPPED):
+                   pred: samplers.Prediction = samplers.EPS_UNCLIPPED,
+                   params_sharding: Any = None):
     """Compiled DDIM inversion `(params, images, table, num_steps, label) -> latents`, the
     batch split over devices (`samplers.ddim_invert`); `label` is None for unconditional models."""
     def invert(params, images, table, num_steps, label):
@@ -214,5 +260,6 @@ def make_invert_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
                                     table, num_steps, pred=pred)
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(invert, in_shardings=(rep, batch_sh, rep, rep, batch_sh),
+    return jax.jit(invert, in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep,
+                                         rep, batch_sh),
                    out_shardings=batch_sh, compiler_options=compiler_options())

@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 
 from diffjax import checkpoint, data, image_io, losses, samplers, schedules, sharding
 from diffjax.models.unet import UNet
@@ -91,6 +92,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             fail(field, f"{value} must be a positive multiple of the {n_dev} devices of the mesh")
     if tr.batch_size % jax.process_count():
         fail("train.batch_size", f"must divide over {jax.process_count()} processes")
+    k = tr.grad_accum_steps
+    if k < 1 or tr.batch_size % (k * n_dev):
+        fail("train.grad_accum_steps", f"{k} microbatches must split train.batch_size="
+             f"{tr.batch_size} evenly on each of the {n_dev} devices (batch % (k·devices) == 0)")
     for field in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
         if tr[field] < 0:
             fail(f"train.{field}", "must be >= 0")
@@ -138,9 +143,13 @@ def _check_sampler(sp, num_steps: int, fail) -> None:
              f"{sp.dynamic_threshold}")
 
 
+def _mesh(config) -> jax.sharding.Mesh:
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+
+
 def _mesh_size(config) -> int:
     try:
-        return sharding.make_mesh(config.mesh.data).size
+        return _mesh(config).size
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
 
@@ -174,9 +183,16 @@ def _loss_kwargs(config) -> dict:
 
 
 def _source(config, split: str):
+    """The dataset split; on several processes, process 0 prepares it while the others wait."""
     d = config.data
     data_dir = d.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    return data.load_source(d.name, split, os.path.expanduser(data_dir), folder=d.folder or None)
+    load = lambda: data.load_source(d.name, split,  # noqa: E731
+                                    os.path.expanduser(data_dir), folder=d.folder or None)
+    if jax.process_count() == 1:
+        return load()
+    source = load() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices(f"diffjax: dataset {d.name} {split} ready")
+    return source if source is not None else load()
 
 
 class _Setup:
@@ -185,7 +201,7 @@ class _Setup:
     def __init__(self, config):
         check_config(config)
         self.config = config
-        self.mesh = sharding.make_mesh(config.mesh.data)
+        self.mesh = _mesh(config)
         self.model = _model(config)
         self.tx = _optimizer(config)
         self.schedule = _schedule(config)
@@ -195,6 +211,7 @@ class _Setup:
         self.init_key, self.train_key, self.sample_key, self.eval_key = jax.random.split(root, 4)
         self.abstract_state = abstract_train_state(self.model, self.tx, self.image_shape,
                                                    self.mesh, num_timesteps=self.schedule.num_steps)
+        self.params_sharding = jax.tree.map(lambda a: a.sharding, self.abstract_state.ema_params)
         self._sample_fns = {}
 
     def sample_fn(self, batch_size: int, progress=None):
@@ -210,7 +227,8 @@ class _Setup:
                                        s.dynamic_threshold)
             fn = make_sample_fn(self.model, self.schedule, self.mesh,
                                 (batch_size, *self.image_shape), sampler=s.name, pred=pred,
-                                variance=s.variance, progress=progress)
+                                variance=s.variance, progress=progress,
+                                params_sharding=self.params_sharding)
             if progress is None:
                 self._sample_fns[batch_size] = fn
         table = samplers.timestep_table(self.schedule.num_steps, s.steps, s.spacing, s.max_steps)
@@ -243,6 +261,15 @@ class MetricWriter:
         if self.active:
             self._tb.close()
             self._file.close()
+
+
+def _agreed(flag: bool) -> bool:
+    """True on every process when it is true on any (a SIGTERM reaches the processes of a job at
+    different steps; they must stop, and checkpoint, at the same one). One tiny all-gather per
+    step when there are several processes."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def _check_finite(pending: list[tuple[int, Array]], last_saved: int | None) -> list[float]:
@@ -313,7 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         last_saved = None
     train_step = make_train_step(setup.model, setup.schedule, setup.tx, setup.mesh,
                                  setup.abstract_state, ema_decay=config.optim.ema_decay,
-                                 t_sampling=config.diffusion.t_sampling, **_loss_kwargs(config))
+                                 t_sampling=config.diffusion.t_sampling,
+                                 grad_accum_steps=tr.grad_accum_steps, **_loss_kwargs(config))
     writer = MetricWriter(workdir)
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
@@ -334,7 +362,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         last_saved = s
 
     try:
-        while step < tr.num_steps and stop["signal"] is None:
+        while step < tr.num_steps:
+            if _agreed(stop["signal"] is not None):
+                stop["agreed"] = True
+                break
             batch = sharding.global_batch(next(train_iter), setup.mesh)
             state, metrics = train_step(state, batch, setup.train_key)
             step += 1
@@ -374,8 +405,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 save(step)
         ckpt.close()
         writer.close()
-    if stop["signal"] is not None:
-        log.warning("stopped by signal %s at step %d; checkpoint written", stop["signal"], step)
+    if stop.get("agreed"):
+        by = f"signal {stop['signal']}" if stop["signal"] else "a signal to another process"
+        log.warning("stopped by %s at step %d; checkpoint written", by, step)
     return state
 
 
@@ -422,10 +454,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     eval_iter = data.make_eval_iterator(_source(config, d.eval_split), image_size=d.image_size,
                                         channels=d.channels,
                                         batch_size=config.train.eval_batch_size)
-    eval_step = make_eval_step(setup.model, setup.schedule, setup.mesh, **_loss_kwargs(config))
+    eval_step = make_eval_step(setup.model, setup.schedule, setup.mesh,
+                               params_sharding=setup.params_sharding, **_loss_kwargs(config))
     bpd_step = make_bpd_step(setup.model, setup.schedule, setup.mesh, target=df.target,
                              variance=config.sampler.variance,
-                             learned_variance=df.learned_variance)
+                             learned_variance=df.learned_variance,
+                             params_sharding=setup.params_sharding)
     sums, count = {}, 0
     log.info("eval: the bound costs %d network calls per test image", setup.schedule.num_steps)
     for i, batch in enumerate(tqdm.tqdm(eval_iter, desc="eval", unit="batch",

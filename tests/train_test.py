@@ -8,20 +8,20 @@ from configs import digits
 from diffjax import schedules, sharding, steps, train
 from diffjax.models.unet import UNet
 
-MODEL = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
+MODEL = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
              num_groups=8, dropout=0.1)
 
 
-def _setup(n_devices):
-    mesh = sharding.make_mesh(n_devices)
-    model = UNet(**MODEL)
+def _setup(data, fsdp=1, *, grad_accum_steps=1, **model_kw):
+    mesh = sharding.make_mesh(data, fsdp)
+    model = UNet(**{**MODEL, **model_kw})
     tx = steps.make_optimizer(1e-3, 2, 0.0, 0.9, 0.999, 1.0)
     shape = (8, 8, 1)
     abstract = steps.abstract_train_state(model, tx, shape, mesh, num_timesteps=100)
     state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh,
                                      num_timesteps=100)
     step = steps.make_train_step(model, schedules.make_schedule("linear", 100), tx, mesh,
-                                 abstract, ema_decay=0.99)
+                                 abstract, ema_decay=0.99, grad_accum_steps=grad_accum_steps)
     return mesh, state, step
 
 
@@ -31,29 +31,73 @@ def _batches(n):
              "label": np.zeros(16, np.int32)} for _ in range(n)]
 
 
-def _run(n_devices, batches):
-    mesh, state, step = _setup(n_devices)
+def _run(data, fsdp=1, n_batches=3, **kw):
+    mesh, state, step = _setup(data, fsdp, **kw)
     losses = []
-    for b in batches:
+    for b in _batches(n_batches):
         state, metrics = step(state, sharding.global_batch(b, mesh), jax.random.key(1))
         losses.append(float(metrics["loss"]))
     return state, losses, step
 
 
-def test_eight_devices_match_one_device():
+@pytest.fixture(scope="module")
+def one_device():
+    return _run(1)
+
+
+def _assert_same_run(a, b, rtol=1e-4):
+    (sa, la, _), (sb, lb, _) = a, b
+    np.testing.assert_allclose(la, lb, rtol=rtol)
+    for x, y in zip(jax.tree.leaves(sa.params), jax.tree.leaves(sb.params), strict=True):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-6)
+
+
+def _bytes_per_device(tree) -> float:
+    """The largest per-device share of the tree's bytes, as a fraction of the whole."""
+    total = sum(x.nbytes for x in jax.tree.leaves(tree))
+    per_device = {}
+    for x in jax.tree.leaves(tree):
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values()) / total
+
+
+@pytest.mark.parametrize("data,fsdp", [(8, 1), (4, 2), (1, 8)])
+def test_every_mesh_layout_matches_one_device(data, fsdp, one_device):
     assert jax.device_count() == 8
-    batches = _batches(3)
-    s8, l8, step8 = _run(8, batches)
-    s1, l1, _ = _run(1, batches)
+    run = _run(data, fsdp)
     # Same global batch, same keys: only the order of floating-point reductions differs.
-    np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(s8.params), jax.tree.leaves(s1.params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    assert int(s8.step) == 3
-    # The params really live on all 8 devices, replicated; the step compiled exactly once.
-    leaf = jax.tree.leaves(s8.params)[0]
-    assert len(leaf.sharding.device_set) == 8 and leaf.sharding.is_fully_replicated
-    assert step8._cache_size() == 1
+    _assert_same_run(run, one_device)
+    state, _, step = run
+    assert int(state.step) == 3 and step._cache_size() == 1
+    leaf = jax.tree.leaves(state.params)[0]
+    assert len(leaf.sharding.device_set) == 8
+    if fsdp == 1:
+        assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state.params))
+    else:
+        # Parameters, both Adam moments and the EMA are split: each device holds about 1/fsdp
+        # (small tensors such as biases and norms stay replicated, hence the margin).
+        for part in (state.params, state.opt_state, state.ema_params):
+            assert _bytes_per_device(part) < 1.2 / fsdp, _bytes_per_device(part)
+
+
+def test_gradient_accumulation_equals_the_whole_batch(one_device):
+    # Dropout draws its masks per microbatch, so compare without it.
+    whole = _run(8, dropout=0.0)
+    _assert_same_run(_run(8, grad_accum_steps=4, dropout=0.0), whole)
+    _assert_same_run(_run(2, 4, grad_accum_steps=2, dropout=0.0), whole)
+
+
+def test_remat_does_not_change_the_training(one_device):
+    _assert_same_run(_run(1, remat=True), one_device, rtol=1e-5)
+
+
+def test_bfloat16_compute_trains_with_float32_state():
+    state, losses, _ = _run(8, dtype=jax.numpy.bfloat16)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] * 1.5
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves((state.params, state.opt_state,
+                                                               state.ema_params))
+               if np.issubdtype(x.dtype, np.floating))
 
 
 def test_ema_tracks_params_with_warmup():
@@ -84,6 +128,8 @@ def test_ema_tracks_params_with_warmup():
     ("diffusion.zero_terminal_snr", True, "diffusion.zero_terminal_snr: ε-prediction"),
     ("diffusion.loss", "hybrid", "diffusion.loss: 'hybrid' trains the learned variance"),
     ("mesh.data", 9, "mesh.data"),
+    ("mesh.fsdp", 3, "mesh.fsdp: 3 must be >= 1 and divide the 8 devices"),
+    ("train.grad_accum_steps", 3, "train.grad_accum_steps: 3 microbatches"),
 ])
 def test_bad_config_values_name_the_field(field, value, match):
     config = digits.get_config()
