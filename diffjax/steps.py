@@ -148,7 +148,11 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
             return acc, terms
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
-        (loss, grads), terms = jax.lax.scan(body, zeros, (jnp.arange(k), micro))
+        # XLA:CPU runs convolution gradients inside a loop body ~100x slower than outside one
+        # (measured with jax 0.10), so on CPU the microbatches are unrolled: the same update at
+        # full speed, but without the memory saving the loop gives on GPU and TPU.
+        unroll = jax.default_backend() == "cpu"
+        (loss, grads), terms = jax.lax.scan(body, zeros, (jnp.arange(k), micro), unroll=unroll)
         merge = lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])  # noqa: E731
         return (loss / k, jax.tree.map(merge, terms)), jax.tree.map(lambda g: g / k, grads)
 
