@@ -80,7 +80,10 @@ class Checkpointer:
                                 "trying the previous one" if s != candidates[-1] else "none left")
         raise CheckpointError(
             f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(errors)
-            + "\nMove the damaged step folders away, or start from a fresh --workdir.")
+            + "\nIf every step fails the same way, the config probably differs from the one "
+              "that wrote them (model shape, diffusion.num_steps, learned_variance): run with "
+              "that config. Otherwise move the damaged step folders away, or use a fresh "
+              "--workdir.")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

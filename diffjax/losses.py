@@ -128,17 +128,20 @@ def min_snr_weight(s: schedules.Schedule, t: Array, target: str, gamma: float) -
     """Min-SNR-γ weights [B] (Hang et al. 2023, eq. 7 and §3.4): min(SNR, γ) in x_0-loss units.
 
     Expressed for the regression target: ε-loss × min(SNR, γ)/SNR, x_0-loss × min(SNR, γ),
-    v-loss × min(SNR, γ)/(SNR + 1). γ = 0 turns the weighting off.
+    v-loss × min(SNR, γ)/(SNR + 1); weight 1 where SNR = 0. γ = 0 turns the weighting off.
     """
     if gamma <= 0:
         return jnp.ones(t.shape, jnp.float32)
     snr = jnp.exp(s.log_snr[t])
     clipped = jnp.minimum(snr, gamma)
     if target == "eps":
-        return jnp.where(snr > 0, clipped / jnp.maximum(snr, 1e-30), 1.0)
-    if target == "x0":
-        return clipped
-    return clipped / (snr + 1.0)
+        weight = clipped / jnp.maximum(snr, 1e-30)
+    elif target == "x0":
+        weight = clipped
+    else:
+        weight = clipped / (snr + 1.0)
+    # At SNR 0 (zero terminal SNR) the formula gives 0 for x_0 and v: keep that step trained.
+    return jnp.where(snr > 0, weight, 1.0)
 
 
 def training_losses(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, t: Array,

@@ -18,7 +18,7 @@ from diffjax import schedules
 Array = jnp.ndarray
 DenoiseFn = Callable[[Array, Array], Array]
 
-VARIANCES = ("beta", "posterior")  # fixed variances for models without learned variances
+FIXED_VARIANCES = ("beta", "posterior")  # for models without learned variances
 SPACINGS = ("uniform", "trailing", "leading")
 # ᾱ is floored here where a sampler divides by it (a zero-terminal-SNR schedule has ᾱ_T = 0).
 MIN_ALPHA_BAR = 2.0 ** -24
@@ -41,7 +41,7 @@ def timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> np.
         t = np.round(np.linspace(num_train_steps - 1, 0, steps)) if steps > 1 else [
             num_train_steps - 1]
     elif spacing == "trailing":
-        t = np.round(np.arange(num_train_steps, 0, -num_train_steps / steps)) - 1
+        t = np.round(num_train_steps - np.arange(steps) * (num_train_steps / steps)) - 1
     elif spacing == "leading":
         t = (np.arange(steps) * (num_train_steps // steps))[::-1]
     else:
@@ -131,15 +131,8 @@ def ancestral_step(x: Array, x0: Array, ab_t: Array, ab_s: Array, noise: Array, 
     """
     c = schedules.transition(ab_t, ab_s)
     mean = c["coef_x0"] * x0 + c["coef_xt"] * x
-    log_beta_tilde = jnp.log(jnp.maximum(c["posterior_variance"], 1e-20))
-    if variance == "learned":
-        log_var = schedules.interpolate_log_variance(v, log_beta_tilde, jnp.log(c["beta"]))
-    elif variance == "beta":
-        log_var = jnp.log(c["beta"])
-    elif variance == "posterior":
-        log_var = log_beta_tilde
-    else:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {schedules.VARIANCES}")
+    log_var = schedules.select_log_variance(
+        variance, jnp.log(c["beta"]), jnp.log(jnp.maximum(c["posterior_variance"], 1e-20)), v)
     return jnp.where(ab_s < 1.0, mean + jnp.exp(0.5 * log_var) * noise, mean)
 
 
@@ -216,7 +209,8 @@ def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: A
       key: PRNG key; step i draws its noise from `fold_in(key, i)`.
       table: [M + 1] int32 from `timestep_table`; num_steps: int32 ≤ M, traced.
       eta: DDIM's η (traced; only DDIM reads it).
-      variance: "beta" or "posterior" for fixed-variance models (ignored with learned variances).
+      variance: "beta" or "posterior" for fixed-variance models (ignored with learned variances;
+        only this ancestral sampler uses the variance: the others are mean-only).
       pred: how to read the network output (`Prediction`).
       progress: optional host callback, called with the step index after each step (through
         `jax.debug.callback`, so it may run once per device).
@@ -257,13 +251,15 @@ def dpm_solver_pp_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Arra
     step (no history yet) and on the last (the jump to σ = 0, where r = 0). Deterministic; one
     network call per step. See `ddpm_sample` for the arguments."""
     def body(i, carry):
-        x, x0_prev, lam_prev = carry
+        x, x0_prev, ab_prev = carry
         t, t_next, ab_t, ab_s = _levels(s, table, i)
         x0, _, _ = predict(denoise_fn, s, x, t, pred)
-        lam_t, lam_s = half_log_snr(ab_t), half_log_snr(ab_s)
-        second = (i > 0) & (t_next >= 0)
-        d = jnp.where(second, dpm_solver_pp_2m_data(x0, x0_prev, lam_prev, lam_t, lam_s), x0)
-        return dpm_solver_pp_step(x, d, ab_t, ab_s), x0, lam_t
+        # After a step from SNR 0 (zero terminal SNR) λ_prev = -∞, so r = ∞ and D = x̂_0:
+        # first order again.
+        second = (i > 0) & (t_next >= 0) & (ab_prev > 0)
+        lams = (half_log_snr(ab_prev), half_log_snr(ab_t), half_log_snr(ab_s))
+        d = jnp.where(second, dpm_solver_pp_2m_data(x0, x0_prev, *lams), x0)
+        return dpm_solver_pp_step(x, d, ab_t, ab_s), x0, ab_t
 
     init = (x_T, jnp.zeros_like(x_T), jnp.zeros((), x_T.dtype))
     x, _, _ = _loop(body, num_steps, init, progress)
@@ -321,14 +317,15 @@ def ddim_invert(denoise_fn: DenoiseFn, s: schedules.Schedule, x0: Array, table: 
       x_T-like latents [B, H, W, C] at the table's first (noisiest) timestep.
     """
     table = jnp.asarray(table)
+    raw = dataclasses.replace(pred, clip_x0=False, dynamic_threshold=0.0)
 
     def body(i, x):
         a, b = table[num_steps - i], table[num_steps - 1 - i]
         ab_a, ab_b = _alpha_bar(s, a), _alpha_bar(s, b)
-        _, eps, _ = predict(denoise_fn, s, x, b, pred)
-        x0_hat = (x - jnp.sqrt(1.0 - ab_a) * eps) / jnp.sqrt(ab_a)
-        if pred.clip_x0 or pred.dynamic_threshold > 0:
-            x0_hat = threshold_x0(x0_hat, pred.clip_x0, pred.dynamic_threshold)
+        _, eps, _ = predict(denoise_fn, s, x, b, raw)
+        # x̂_0 at x's own level a (the network saw level b), then thresholded as `predict` would.
+        x0_hat = threshold_x0((x - jnp.sqrt(1.0 - ab_a) * eps) / jnp.sqrt(ab_a), pred.clip_x0,
+                              pred.dynamic_threshold)
         return jnp.sqrt(ab_b) * x0_hat + jnp.sqrt(1.0 - ab_b) * eps
 
     return _loop(body, num_steps, x0, progress)

@@ -251,6 +251,20 @@ def interpolate_log_variance(v: Array, log_beta_tilde: Array, log_beta: Array) -
     return u * log_beta + (1.0 - u) * log_beta_tilde
 
 
+def select_log_variance(variance: str, log_beta: Array, log_beta_tilde: Array,
+                        v: Array | None = None) -> Array:
+    """log σ² of a reverse step: β ("beta"), β̃ ("posterior"), or between them by v ("learned")."""
+    if variance == "beta":
+        return log_beta
+    if variance == "posterior":
+        return log_beta_tilde
+    if variance == "learned":
+        if v is None:
+            raise ValueError("variance='learned' needs the network's variance output v")
+        return interpolate_log_variance(v, log_beta_tilde, log_beta)
+    raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+
+
 def model_log_variance(s: Schedule, t: Array, ndim: int, variance: str,
                        v: Array | None = None) -> Array:
     """log σ_t² of the model's p(x_{t-1} | x_t) (DDPM §3.2, Improved DDPM §3.1).
@@ -260,17 +274,11 @@ def model_log_variance(s: Schedule, t: Array, ndim: int, variance: str,
     data-scale image. "posterior": σ_t² = β̃_t (optimal for a point mass x_0), log clipped at t = 0.
     "learned": interpolated between the two by the network's extra output `v` [B, H, W, C].
     """
-    log_beta = jnp.log(jnp.concatenate([s.posterior_variance[1:2], s.betas[1:]]))
-    if variance == "beta":
-        return extract(log_beta, t, ndim)
-    if variance == "posterior":
-        return extract(s.posterior_log_variance_clipped, t, ndim)
-    if variance == "learned":
-        if v is None:
-            raise ValueError("variance='learned' needs the network's variance output v")
-        return interpolate_log_variance(v, extract(s.posterior_log_variance_clipped, t, ndim),
-                                        extract(jnp.log(s.betas), t, ndim))
-    raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+    # Fixed β: the first entry replaced (see above); learned: between the true β_t and β̃_t.
+    betas = s.betas if variance == "learned" else jnp.concatenate(
+        [s.posterior_variance[1:2], s.betas[1:]])
+    return select_log_variance(variance, extract(jnp.log(betas), t, ndim),
+                               extract(s.posterior_log_variance_clipped, t, ndim), v)
 
 
 def split_prediction(prediction: Array, learned_variance: bool) -> tuple[Array, Array | None]:

@@ -119,8 +119,9 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
     and donated; the step's randomness is `fold_in(key, state.step)`, so a resumed run draws the
     same keys. With `grad_accum_steps` = k the batch is processed as k microbatches in a
     `lax.scan` (activation memory of one microbatch) and their gradients averaged: the same update
-    as one batch. `loss_kwargs` go to `losses.training_losses` (loss, learned_variance, variance,
-    vlb_weight, min_snr_gamma).
+    as one batch (exactly without dropout; dropout draws its masks per microbatch).
+    `loss_kwargs` go to `losses.training_losses` (loss, learned_variance, variance, vlb_weight,
+    min_snr_gamma).
     """
     batch_sh = sharding.batch_sharded(mesh)
 

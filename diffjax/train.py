@@ -96,6 +96,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if k < 1 or tr.batch_size % (k * n_dev):
         fail("train.grad_accum_steps", f"{k} microbatches must split train.batch_size="
              f"{tr.batch_size} evenly on each of the {n_dev} devices (batch % (k·devices) == 0)")
+    if tr.num_samples < 1:
+        fail("train.num_samples", "must be >= 1")
+    if jax.process_count() > 1 and n_dev != jax.device_count():
+        fail("mesh.data", f"with {jax.process_count()} processes the mesh must use all "
+             f"{jax.device_count()} devices (mesh.data=-1), got {n_dev}")
     for field in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
         if tr[field] < 0:
             fail(f"train.{field}", "must be >= 0")
@@ -117,6 +122,11 @@ def _check_diffusion(df, fail) -> None:
     if df.loss == "hybrid" and not df.learned_variance:
         fail("diffusion.loss", "'hybrid' trains the learned variance only; set "
              "diffusion.learned_variance=True (or use loss='vlb')")
+    if df.learned_variance and df.loss == "simple":
+        fail("diffusion.learned_variance", "L_simple never trains the variance output; use "
+             "diffusion.loss='hybrid' (or 'vlb')")
+    if df.min_snr_gamma > 0 and df.loss == "vlb":
+        fail("diffusion.min_snr_gamma", "weights the MSE term, which loss='vlb' does not have")
     if df.t_sampling == "importance" and df.loss == "simple":
         fail("diffusion.t_sampling", "importance sampling weighs t by the VLB history; it needs "
              "diffusion.loss='hybrid' or 'vlb'")
@@ -128,7 +138,7 @@ def _check_diffusion(df, fail) -> None:
 def _check_sampler(sp, num_steps: int, fail) -> None:
     for field, value, choices in (("name", sp.name, tuple(samplers.SAMPLERS)),
                                   ("spacing", sp.spacing, samplers.SPACINGS),
-                                  ("variance", sp.variance, samplers.VARIANCES)):
+                                  ("variance", sp.variance, samplers.FIXED_VARIANCES)):
         if value not in choices:
             fail(f"sampler.{field}", f"unknown {value!r}; choose one of {choices}")
     if not 1 <= sp.steps <= num_steps:
@@ -141,6 +151,10 @@ def _check_sampler(sp, num_steps: int, fail) -> None:
     if not 0.0 <= sp.dynamic_threshold < 1.0:
         fail("sampler.dynamic_threshold", f"a percentile in (0, 1), or 0 for off; got "
              f"{sp.dynamic_threshold}")
+    try:
+        samplers.timestep_table(num_steps, sp.steps, sp.spacing, sp.max_steps)
+    except ValueError as e:
+        fail("sampler.steps", str(e))
 
 
 def _mesh(config) -> jax.sharding.Mesh:
@@ -265,8 +279,8 @@ class MetricWriter:
 
 def _agreed(flag: bool) -> bool:
     """True on every process when it is true on any (a SIGTERM reaches the processes of a job at
-    different steps; they must stop, and checkpoint, at the same one). One tiny all-gather per
-    step when there are several processes."""
+    different steps; they must stop, and checkpoint, at the same one). With several processes,
+    a tiny all-gather: the loop asks at log steps, where the host waits for the device anyway."""
     if jax.process_count() == 1:
         return flag
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
@@ -293,7 +307,8 @@ def _write_samples(setup: _Setup, params, num: int, key, path: str,
     bs, steps = setup.config.sampler.batch_size, setup.config.sampler.steps
     n_batches = math.ceil(num / bs)
     bar, batch_index = None, [0]
-    if progress and jax.process_index() == 0:
+    # One program on every process: the per-step progress callback only with a single process.
+    if progress and jax.process_count() == 1:
         bar = tqdm.tqdm(total=n_batches * steps, unit="step", mininterval=0.5,
                         desc=f"sampling {num} ({setup.config.sampler.name}, batches of {bs})")
 
@@ -344,7 +359,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                  grad_accum_steps=tr.grad_accum_steps, **_loss_kwargs(config))
     writer = MetricWriter(workdir)
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda sig, _: stop.update(signal=sig))
+    # Several processes must agree on the stop step, so Ctrl-C is a flag there too.
+    handled = (signal.SIGTERM,) if jax.process_count() == 1 else (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda sig, _: stop.update(signal=sig)) for s in handled}
     step = int(state.step)
     bar = tqdm.tqdm(total=tr.num_steps, initial=step, desc="train", unit="step",
                     disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=0.5)
@@ -363,7 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     try:
         while step < tr.num_steps:
-            if _agreed(stop["signal"] is not None):
+            ask = jax.process_count() == 1 or not tr.log_every_steps or at(tr.log_every_steps)
+            if ask and _agreed(stop["signal"] is not None):
                 stop["agreed"] = True
                 break
             batch = sharding.global_batch(next(train_iter), setup.mesh)
@@ -398,7 +416,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         healthy = True
     finally:
         bar.close()
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if healthy:
             _check_finite(pending, last_saved)
             if last_saved != step:

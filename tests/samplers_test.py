@@ -61,6 +61,12 @@ def test_timestep_spacings():
                                   np.arange(900, -1, -100))
     for spacing in samplers.SPACINGS:
         np.testing.assert_array_equal(samplers.timesteps(50, 50, spacing), np.arange(49, -1, -1))
+    for T in (50, 100, 1000):  # every step count gives `steps` distinct timesteps in [0, T)
+        for n in range(1, T + 1):
+            for spacing in samplers.SPACINGS:
+                t = samplers.timesteps(T, n, spacing)
+                assert len(t) == n and len(set(t)) == n and t.min() >= 0 and t.max() < T
+                assert np.all(np.diff(t) < 0)
     table = samplers.timestep_table(1000, 3, "trailing", 6)
     np.testing.assert_array_equal(table, [999, 666, 332, -1, -1, -1, -1])
     with pytest.raises(ValueError, match="max_steps"):
@@ -186,3 +192,18 @@ def test_one_compilation_serves_every_step_count_and_eta():
                                   np.float32(eta))))
     assert fn._cache_size() == 1
     assert all(np.isfinite(o).all() for o in outs) and not np.allclose(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm_solver_pp", "heun"])
+def test_zero_terminal_snr_with_v_prediction(name):
+    """ᾱ_T = 0: the first step starts from pure noise; every sampler stays finite and lands on
+    the data (first-order start, so looser than on the standard schedule)."""
+    s = schedules.make_schedule("linear", 1000, zero_terminal_snr=True)
+    table = samplers.timestep_table(1000, 50, "trailing")
+    x_T = jax.random.normal(jax.random.key(0), (4000, 1, 1, 2))
+    out = np.asarray(samplers.SAMPLERS[name](
+        gaussian_model(s, "v"), s, x_T, jax.random.key(1), table, np.int32(50),
+        pred=samplers.Prediction("v", clip_x0=False), variance="posterior")).ravel()
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out.mean(), MU, atol=0.02)
+    np.testing.assert_allclose(out.std(), SIGMA, rtol=0.2)

@@ -127,6 +127,8 @@ def test_ema_tracks_params_with_warmup():
     ("diffusion.t_sampling", "importance", "diffusion.t_sampling: importance sampling"),
     ("diffusion.zero_terminal_snr", True, "diffusion.zero_terminal_snr: ε-prediction"),
     ("diffusion.loss", "hybrid", "diffusion.loss: 'hybrid' trains the learned variance"),
+    ("diffusion.learned_variance", True, "diffusion.learned_variance: L_simple never trains"),
+    ("train.num_samples", 0, "train.num_samples"),
     ("mesh.data", 9, "mesh.data"),
     ("mesh.fsdp", 3, "mesh.fsdp: 3 must be >= 1 and divide the 8 devices"),
     ("train.grad_accum_steps", 3, "train.grad_accum_steps: 3 microbatches"),
