@@ -187,10 +187,16 @@ def simple_loss(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Ar
     Returns:
       The per-example mean squared error, [B].
     """
+    return random_t_losses(s, denoise_fn, x0, key, target=target)["loss"]
+
+
+def random_t_losses(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Array,
+                    **kwargs) -> dict[str, Array]:
+    """`training_losses` at t ~ U{0, …, T-1} and ε ~ N(0, I) drawn from `key`."""
     t_key, noise_key = jax.random.split(key)
     t = jax.random.randint(t_key, x0.shape[:1], 0, s.num_steps)
     noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-    return training_losses(s, denoise_fn, x0, t, noise, target=target)["loss"]
+    return training_losses(s, denoise_fn, x0, t, noise, **kwargs)
 
 
 # --- importance sampling of t (Improved DDPM §3.3) ----------------------------------------------

@@ -113,8 +113,7 @@ def predict(denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array,
     x0, eps = schedules.to_x0_eps(s, x, tb, out, pred.target)
     if pred.clip_x0 or pred.dynamic_threshold > 0:
         x0 = threshold_x0(x0, pred.clip_x0, pred.dynamic_threshold)
-        ab = jnp.maximum(s.alpha_bar[t], MIN_ALPHA_BAR)
-        eps = (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
+        eps = schedules.eps_from_x0(s, x, tb, x0)
     return x0, eps, v
 
 

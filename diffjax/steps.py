@@ -43,16 +43,15 @@ def make_denoise_fn(model: UNet, params: Any, label: Array | None = None, *, tra
                                       rngs=rngs)
 
 
+def _label(model: UNet, batch: dict) -> Array | None:
+    """The batch's class labels when the model is class-conditional, else None."""
+    return batch["label"] if model.num_classes else None
+
+
 def _dummy_inputs(model: UNet, image_shape: tuple[int, ...]):
     x = jnp.zeros((1, *image_shape), jnp.float32)
     label = jnp.zeros((1,), jnp.int32) if model.num_classes else None
     return x, jnp.zeros((1,), jnp.int32), label
-
-
-def state_shardings(abstract_state: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Parameters, optimizer state and EMA split over the mesh's `fsdp` axis by the FSDP rule
-    (`sharding.fsdp_spec`); replicated when mesh.fsdp = 1."""
-    return sharding.state_sharding(abstract_state, mesh)
 
 
 def make_init_fn(model: UNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
@@ -73,7 +72,7 @@ def abstract_train_state(model: UNet, tx: optax.GradientTransformation,
     abstract = jax.eval_shape(make_init_fn(model, tx, image_shape, num_timesteps),
                               jax.random.key(0))
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, state_shardings(abstract, mesh))
+                        abstract, sharding.state_sharding(abstract, mesh))
 
 
 def create_train_state(model: UNet, tx: optax.GradientTransformation,
@@ -115,11 +114,12 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
                     grad_accum_steps: int = 1, **loss_kwargs):
     """Builds the compiled step `(state, batch, key) -> (state, metrics)`.
 
-    The batch is split over every device of the mesh, the state is laid out by `state_shardings`
-    and donated; the step's randomness is `fold_in(key, state.step)`, so a resumed run draws the
-    same keys. With `grad_accum_steps` = k the batch is processed as k microbatches in a
-    `lax.scan` (activation memory of one microbatch) and their gradients averaged: the same update
-    as one batch (exactly without dropout; dropout draws its masks per microbatch).
+    The batch is split over every device of the mesh, the state is laid out by
+    `sharding.state_sharding` and donated; the step's randomness is `fold_in(key, state.step)`,
+    so a resumed run draws the same keys. With `grad_accum_steps` = k the batch is processed as k
+    microbatches in a `lax.scan` (activation memory of one microbatch) and their gradients
+    averaged: the same update as one batch (exactly without dropout; dropout draws its masks per
+    microbatch).
     `loss_kwargs` go to `losses.training_losses` (loss, learned_variance, variance, vlb_weight,
     min_snr_gamma).
     """
@@ -159,8 +159,7 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
 
     def step(state: TrainState, batch: dict, key: Array):
         t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
-        label = batch["label"] if model.num_classes else None
-        x0 = batch["image"]
+        label, x0 = _label(model, batch), batch["image"]
         t, weights = losses.sample_timesteps(t_key, x0.shape[0], state.loss_history, t_sampling)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
         t, weights, noise = (jax.lax.with_sharding_constraint(a, batch_sh)
@@ -175,7 +174,9 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
         params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, ema_decay)
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
-        history = losses.update_loss_history(state.loss_history, t, terms["vlb"])
+        history = state.loss_history
+        if t_sampling == "importance":  # the only reader of the history
+            history = losses.update_loss_history(history, t, terms["vlb"])
         new_state = TrainState(state.step + 1, params, opt_state, ema, history)
         return new_state, {"loss": loss, "mse": jnp.mean(terms["mse"]),
                            "vlb": jnp.mean(terms["vlb"]), "grad_norm": optax.global_norm(grads)}
@@ -197,13 +198,9 @@ def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
     """Compiled `(params, batch, key) -> per-example training loss [B]`, t uniform, batch split
     over the mesh. `loss_kwargs` as in `make_train_step`."""
     def step(params, batch, key):
-        label = batch["label"] if model.num_classes else None
-        x0 = batch["image"]
-        t_key, noise_key = jax.random.split(key)
-        t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_steps)
-        noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-        return losses.training_losses(schedule, make_denoise_fn(model, params, label), x0, t,
-                                      noise, target=target, **loss_kwargs)["loss"]
+        denoise = make_denoise_fn(model, params, _label(model, batch))
+        return losses.random_t_losses(schedule, denoise, batch["image"], key, target=target,
+                                      **loss_kwargs)["loss"]
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(step, in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
@@ -217,8 +214,7 @@ def make_bpd_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.
     """Compiled `(params, batch, key) -> {"total", "prior", "decoder", "kl"}`, each [B] bits/dim:
     the whole variational bound, T network calls per batch (`losses.bits_per_dim`)."""
     def step(params, batch, key):
-        label = batch["label"] if model.num_classes else None
-        return losses.bits_per_dim(schedule, make_denoise_fn(model, params, label),
+        return losses.bits_per_dim(schedule, make_denoise_fn(model, params, _label(model, batch)),
                                    batch["image"], key, target=target, variance=variance,
                                    learned_variance=learned_variance)
 

@@ -151,10 +151,6 @@ def _check_sampler(sp, num_steps: int, fail) -> None:
     if not 0.0 <= sp.dynamic_threshold < 1.0:
         fail("sampler.dynamic_threshold", f"a percentile in (0, 1), or 0 for off; got "
              f"{sp.dynamic_threshold}")
-    try:
-        samplers.timestep_table(num_steps, sp.steps, sp.spacing, sp.max_steps)
-    except ValueError as e:
-        fail("sampler.steps", str(e))
 
 
 def _mesh(config) -> jax.sharding.Mesh:
