@@ -27,7 +27,14 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
 
 
 def conv2d(x: Array, kernel: Array, stride: int, padding: Padding) -> Array:
-    """2-D convolution, NHWC input and HWIO kernel."""
+    """2-D convolution, NHWC input and HWIO kernel.
+
+    A 1x1 stride-1 convolution is a matrix product over channels: computed as one, its weight
+    gradient is a single product too (XLA:CPU otherwise transposes batch and channels of both
+    operands for it).
+    """
+    if kernel.shape[:2] == (1, 1) and stride == 1 and padding in ("SAME", "VALID"):
+        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
     return jax.lax.conv_general_dilated(
         x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
@@ -53,6 +60,39 @@ class Conv(nn.Module):
         return conv2d(x, kernel, self.stride, self.padding) + bias
 
 
+class GroupNorm(nn.Module):
+    """Group normalisation over NHWC inputs (Wu & He 2018), statistics in float32.
+
+    Parameters `scale` and `bias` [C], as flax's `nn.GroupNorm`, so checkpoints carry over. The
+    statistics are sums over positions first ([N, H·W, C] → [N, C], a reduction along a middle
+    axis that vectorises over channels) and then over the channels of each group, on the small
+    [N, C] array: 4-6x faster on CPU than reducing each group's positions and channels at once.
+    The normalisation is one affine map per (example, channel).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        n, c, g = x.shape[0], x.shape[-1], self.num_groups
+        if c % g:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {g} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        xf = x.reshape(n, -1, c).astype(jnp.float32)
+        count = xf.shape[1] * (c // g)
+        group_mean = lambda s: jnp.repeat(s.reshape(n, g, c // g).sum(-1) / count, c // g, -1)
+        mean = group_mean(xf.sum(axis=1))
+        var = jnp.maximum(group_mean(jnp.square(xf).sum(axis=1)) - jnp.square(mean), 0.0)
+        a = scale.astype(jnp.float32) * jax.lax.rsqrt(var + self.epsilon)  # [N, C]
+        b = bias.astype(jnp.float32) - mean * a
+        y = xf * a[:, None, :] + b[:, None, :]
+        return y.reshape(x.shape).astype(self.dtype)
+
+
 def zero_init():
     # DDPM initialises the last layer of every residual branch (and the output) near zero, so
     # each block starts as the identity.
@@ -72,7 +112,7 @@ class ResBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, temb: Array, train: bool) -> Array:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda: nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, **kw)
+        norm = lambda: GroupNorm(self.num_groups, self.norm_eps, **kw)
         h = Conv(self.features, **kw)(nn.silu(norm()(x)))
         h = h + nn.Dense(self.features, **kw)(nn.silu(temb))[:, None, None, :]
         h = nn.silu(norm()(h))
@@ -83,11 +123,17 @@ class ResBlock(nn.Module):
         return x + h
 
 
-def _softmax(logits: Array) -> Array:
-    """Softmax over the last axis, in float32; the max shift is a constant to autodiff."""
-    logits = logits.astype(jnp.float32)
+def attention(q: Array, k: Array, v: Array) -> Array:
+    """softmax(q kᵀ / √d) v over [N, L, d] operands, the softmax in float32.
+
+    The normalisation divides the [N, L, d] output rather than the [N, L, L] weights, which
+    saves a full pass over the weights forwards and a reduction over them backwards. The max
+    shift is a constant to autodiff.
+    """
+    logits = jnp.einsum("nqd,nkd->nqk", q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
-    return e / e.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("nqk,nkd->nqd", e.astype(v.dtype), v).astype(jnp.float32)
+    return (out / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
 
 
 class AttentionBlock(nn.Module):
@@ -107,15 +153,14 @@ class AttentionBlock(nn.Module):
         b, hgt, wid, c = x.shape
         heads = 1 if self.head_dim is None else c // self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, **kw)(x).reshape(b, -1, c)
+        h = GroupNorm(self.num_groups, self.norm_eps, **kw)(x).reshape(b, -1, c)
         # One projection for q, k and v. Heads are folded into the batch, so that both attention
         # products are matrix products with a single batch dimension [B·heads, L, ·], which XLA
         # hands to its fast matmul library on CPU (two batch dimensions are ~2x slower there).
         d = c // heads
         qkv = nn.DenseGeneral((3, heads, d), name="qkv", **kw)(h)
         q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2)).reshape(3, b * heads, -1, d)
-        weights = _softmax(jnp.einsum("nqd,nkd->nqk", q * d**-0.5, k)).astype(v.dtype)
-        h = jnp.einsum("nqk,nkd->nqd", weights, v).reshape(b, heads, -1, d)
+        h = attention(q, k, v).reshape(b, heads, -1, d)
         h = jnp.moveaxis(h, 1, 2)  # [B, L, heads, d]
         h = nn.DenseGeneral(c, axis=(-2, -1), kernel_init=zero_init(), name="out", **kw)(h)
         return x + h.reshape(b, hgt, wid, c)

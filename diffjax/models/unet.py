@@ -11,6 +11,7 @@ from diffjax.models.layers import (
     AttentionBlock,
     Conv,
     Downsample,
+    GroupNorm,
     ResBlock,
     Upsample,
     timestep_embedding,
@@ -127,6 +128,6 @@ class UNet(nn.Module):
             if level != 0:
                 h = Upsample(**kw)(h)
 
-        h = nn.silu(nn.GroupNorm(self.num_groups, epsilon=self.norm_eps, **kw)(h))
+        h = nn.silu(GroupNorm(self.num_groups, self.norm_eps, **kw)(h))
         h = Conv(out_channels, kernel_init=zero_init(), **kw)(h)
         return h.astype(jnp.float32)
