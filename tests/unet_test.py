@@ -97,3 +97,47 @@ def test_attention_block_matches_numpy_reference(head_dim):
     o = np.einsum("bhqk,bkhd->bqhd", w, v)
     o = np.einsum("bqhd,hdc->bqc", o, p["out"]["kernel"]) + p["out"]["bias"]
     np.testing.assert_allclose(out, x + o.reshape(b, s, s, c), rtol=1e-4, atol=1e-4)
+
+
+def test_group_norm_matches_numpy_and_flax_gradients():
+    """diffjax's GroupNorm (sums over positions, then over each group's channels) against the
+    definition in float64 NumPy, and its gradients against flax's independent nn.GroupNorm."""
+    import flax.linen as nn
+
+    from diffjax.models.layers import GroupNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 4, 4, 12)) * 3 + 5).astype(np.float32)  # offset: E[x²] - E[x]²
+    params = {"scale": rng.standard_normal(12).astype(np.float32),
+              "bias": rng.standard_normal(12).astype(np.float32)}
+    out = GroupNorm(4, 1e-6).apply({"params": params}, x)
+    g = x.astype(np.float64).reshape(2, 16, 4, 3)
+    g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out, g.reshape(x.shape) * params["scale"] + params["bias"],
+                               rtol=1e-4, atol=1e-4)
+
+    r = rng.standard_normal(x.shape).astype(np.float32)
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * r),  # noqa: E731
+                              argnums=(0, 1))(params, x)
+    ours, ref = grad(GroupNorm(4, 1e-6)), grad(nn.GroupNorm(4, epsilon=1e-6))
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="not divisible"):
+        GroupNorm(5).init(jax.random.key(0), x)
+
+
+def test_pointwise_conv_is_the_convolution():
+    """The 1x1 convolution, computed as a matrix product, equals XLA's convolution, gradients
+    included."""
+    from diffjax.models.layers import conv2d
+
+    rng = np.random.default_rng(0)
+    x, k = rng.standard_normal((2, 5, 5, 6)), rng.standard_normal((1, 1, 6, 4))
+    x, k = x.astype(np.float32), k.astype(np.float32)
+    ref = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    ours = lambda x, k: conv2d(x, k, 1, "SAME")  # noqa: E731
+    np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+    loss = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))  # noqa: E731
+    for a, b in zip(loss(ours)(x, k), loss(ref)(x, k)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
