@@ -120,7 +120,7 @@ def test_group_norm_matches_numpy_and_flax_gradients():
     grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * r),  # noqa: E731
                               argnums=(0, 1))(params, x)
     ours, ref = grad(GroupNorm(4, 1e-6)), grad(nn.GroupNorm(4, epsilon=1e-6))
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not divisible"):
         GroupNorm(5).init(jax.random.key(0), x)
@@ -139,5 +139,5 @@ def test_pointwise_conv_is_the_convolution():
     ours = lambda x, k: conv2d(x, k, 1, "SAME")  # noqa: E731
     np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
     loss = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))  # noqa: E731
-    for a, b in zip(loss(ours)(x, k), loss(ref)(x, k)):
+    for a, b in zip(loss(ours)(x, k), loss(ref)(x, k), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
     python experiments/bench/bench_unet.py                        # both cases, a table
     python experiments/bench/bench_unet.py --peer-json peer.jsonl # plus ratios to the peer
+    python experiments/bench/bench_unet.py --devices 2            # a 2-device CPU mesh
 
 Cases (the networks of ../shared/peers/README.md, built with diffjax.models.UNet):
   ddpm-cifar  DDPM's CIFAR-10 U-Net, 35,746,307 params, 32x32x3, batch 16.
@@ -11,6 +12,8 @@ Each measurement runs in a fresh child process (so its peak RSS is its own): the
 step (ε-MSE, AdamW, EMA) and the compiled DDPM sampling loop, median of --steps timed calls after
 warm-up. The sampling time per step is the loop time over --sample-steps steps divided by that
 number. `--peer-json` takes the JSON lines of diffusers_cpu_bench.py --json and prints ratios.
+`--devices N` gives the process N CPU devices (`jax_num_cpu_devices`, as `diffjax.main
+--cpu_devices`) and splits the batch over a mesh of them.
 """
 
 from __future__ import annotations
