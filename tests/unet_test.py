@@ -125,19 +125,3 @@ def test_group_norm_matches_numpy_and_flax_gradients():
     with pytest.raises(ValueError, match="not divisible"):
         GroupNorm(5).init(jax.random.key(0), x)
 
-
-def test_pointwise_conv_is_the_convolution():
-    """The 1x1 convolution, computed as a matrix product, equals XLA's convolution, gradients
-    included."""
-    from diffjax.models.layers import conv2d
-
-    rng = np.random.default_rng(0)
-    x, k = rng.standard_normal((2, 5, 5, 6)), rng.standard_normal((1, 1, 6, 4))
-    x, k = x.astype(np.float32), k.astype(np.float32)
-    ref = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
-        x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    ours = lambda x, k: conv2d(x, k, 1, "SAME")  # noqa: E731
-    np.testing.assert_allclose(ours(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
-    loss = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))  # noqa: E731
-    for a, b in zip(loss(ours)(x, k), loss(ref)(x, k), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

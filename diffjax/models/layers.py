@@ -27,14 +27,7 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
 
 
 def conv2d(x: Array, kernel: Array, stride: int, padding: Padding) -> Array:
-    """2-D convolution, NHWC input and HWIO kernel.
-
-    A 1x1 stride-1 convolution is a matrix product over channels: computed as one, its weight
-    gradient is a single product too (XLA:CPU otherwise transposes batch and channels of both
-    operands for it).
-    """
-    if kernel.shape[:2] == (1, 1) and stride == 1 and padding in ("SAME", "VALID"):
-        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    """2-D convolution, NHWC input and HWIO kernel."""
     return jax.lax.conv_general_dilated(
         x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
