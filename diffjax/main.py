@@ -35,7 +35,7 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100,
 flags.DEFINE_integer("cpu_devices", None,
                      "CPU devices in this process, the batch split over them: for testing "
                      "multi-device code, and on a few-core CPU a speed lever (2 devices sample "
-                     "1.1-1.5x faster on 2 cores).")
+                     "1.1-1.2x faster on 2 cores).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
