@@ -85,13 +85,6 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation,
                    out_shardings=shardings)(key)
 
 
-def global_norm(tree: Any) -> Array:
-    """The L2 norm of all leaves together, as one reduction over their concatenation (one
-    reduction per leaf costs a dispatch each; ~100 leaves in a small U-Net)."""
-    leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(tree)]
-    return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(leaves))))
-
-
 def ema_decay_at(step: Array, decay: float) -> Array:
     """EMA decay with warm-up, min(decay, (1 + n) / (10 + n)), so early averages track the model."""
     n = step.astype(jnp.float32)
@@ -186,7 +179,7 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
             history = losses.update_loss_history(history, t, terms["vlb"])
         new_state = TrainState(state.step + 1, params, opt_state, ema, history)
         return new_state, {"loss": loss, "mse": jnp.mean(terms["mse"]),
-                           "vlb": jnp.mean(terms["vlb"]), "grad_norm": global_norm(grads)}
+                           "vlb": jnp.mean(terms["vlb"]), "grad_norm": optax.global_norm(grads)}
 
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
     rep = sharding.replicated(mesh)

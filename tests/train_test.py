@@ -174,10 +174,3 @@ def test_sample_grids_reuse_one_compiled_sampler(tmp_path):
     assert images.shape == (20, 8, 8, 1) and (tmp_path / "grid_1.png").exists()
     assert setup._sample_fns[16]._cache_size() == 1
 
-
-def test_global_norm_equals_the_per_leaf_definition():
-    tree = {"a": np.arange(6.0, dtype=np.float32).reshape(2, 3), "b": [np.float32(-2.0)],
-            "c": np.ones((4, 1, 2), np.float32)}
-    expected = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
-                           for x in jax.tree.leaves(tree)))
-    np.testing.assert_allclose(steps.global_norm(tree), expected, rtol=1e-6)
