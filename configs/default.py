@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = dict(
         lr=2e-4,  # Peak AdamW learning rate.
         warmup_steps=5000,  # Linear warm-up from 0 to lr.
+        lr_schedule="constant",  # After warm-up: constant | cosine (decays to the last step).
+        final_lr_ratio=0.0,  # cosine: the rate at train.num_steps, as a fraction of lr.
         weight_decay=0.0,  # AdamW decoupled weight decay (0: plain Adam).
         b1=0.9,  # Adam β1.
         b2=0.999,  # Adam β2.
@@ -81,5 +83,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = dict(
         data=-1,  # Devices on the data axis; -1 = all the devices / fsdp.
         fsdp=1,  # Devices that split parameters and optimizer state (FSDP); batch uses both.
+        cpu_devices=0,  # CPU only: split the process into this many XLA devices (0 = JAX's 1).
     )
     return config

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -22,10 +23,13 @@ class Checkpointer:
     `wait()` (or `close()`) before reading the files.
     """
 
-    def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str, max_to_keep: int | None = 3, async_save: bool = True):
         self.directory = os.path.abspath(os.path.expanduser(directory))
+        # A save killed mid-write leaves `<step>.orbax-checkpoint-tmp`: never a complete
+        # checkpoint, so it is removed when a manager opens the directory.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_names=("state", "data"))
 
@@ -43,7 +47,8 @@ class Checkpointer:
                                   data=ocp.args.JsonSave(data_state or {}))
         self._manager.save(step, args=args, force=True)
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+    def restore(self, abstract_state: Any, step: int | None = None, *,
+                set_aside: bool = False) -> tuple[Any, dict, int]:
         """Restores into the structure, dtypes and shardings of `abstract_state`.
 
         Args:
@@ -52,6 +57,9 @@ class Checkpointer:
           step: a step to restore; None = the newest one that restores cleanly. A newest
             checkpoint that fails to restore (truncated, corrupt) is reported and skipped in
             favour of the one before it; it is left on disk for inspection.
+          set_aside: rename the unreadable steps newer than the restored one to
+            `<step>.corrupt-<time>` (kept, never deleted), so that training can write that step
+            again; for training only (eval and sample leave the directory as it is).
 
         Returns:
           (state, data_state, step).
@@ -72,6 +80,8 @@ class Checkpointer:
                 out = self._manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
                 _check_finite(out["state"], s)
+                if set_aside and errors:
+                    self._set_aside(candidates[:candidates.index(s)])
                 return out["state"], dict(out["data"] or {}), s
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable.
                 errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
@@ -84,6 +94,21 @@ class Checkpointer:
               "that wrote them (model shape, diffusion.num_steps, learned_variance): run with "
               "that config. Otherwise move the damaged step folders away, or use a fresh "
               "--workdir.")
+
+    def _set_aside(self, steps: list[int]) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        if jax.process_index() == 0:
+            for s in steps:
+                src = os.path.join(self.directory, str(s))
+                dst = f"{src}.corrupt-{stamp}"
+                os.rename(src, dst)
+                logging.warning("moved the unreadable checkpoint of step %d aside to %s; "
+                                "training will write step %d again", s, dst, s)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("diffjax: unreadable checkpoints set aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -1,17 +1,19 @@
 """Command line: python -m diffjax.main --config configs/<name>.py --workdir <dir> [--mode=...]."""
 
 import logging
-import sys
+import os
 
 import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from diffjax import checkpoint, data, train
+from diffjax import checkpoint, cli, data, train
 
-USER_ERRORS = (train.ConfigError, train.NonFiniteLossError, data.DatasetError,
-               checkpoint.CheckpointError)
+# Errors the user fixes (exit 2), and failures of a run that was set up right (exit 1).
+BAD_INPUT_ERRORS = (cli.BadInput, train.ConfigError, data.DatasetError,
+                    checkpoint.CheckpointError)
+RUNTIME_ERRORS = (train.NonFiniteLossError,)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -35,38 +37,77 @@ flags.DEFINE_integer("heartbeat_timeout_s", 100,
 flags.DEFINE_integer("cpu_devices", None,
                      "CPU devices in this process, the batch split over them: for testing "
                      "multi-device code, and on a few-core CPU a speed lever (2 devices sample "
-                     "1.1-1.2x faster on 2 cores).")
+                     "1.1-1.2x faster on 2 cores). Overrides config.mesh.cpu_devices.")
+flags.DEFINE_bool("verbose", False,
+                  f"Full tracebacks on errors, for bug reports (or {cli.VERBOSE_ENV}=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)", cli.BAD_INPUT)
     # Our progress messages at INFO; the libraries' (Orbax, tfds) chatter only from WARNING up.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("diffjax").setLevel(logging.INFO)
     config = FLAGS.config
-    _init_distributed()
     try:
+        _check_flags()
+        _init_distributed(FLAGS.cpu_devices or config.mesh.cpu_devices)
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":
+            cli.check_writable_dir(FLAGS.workdir, "--workdir")
             print(train.evaluate(config, FLAGS.workdir, FLAGS.step))
         else:
+            cli.check_writable_dir(os.path.join(FLAGS.workdir, "samples"), "--workdir's samples/")
             print(train.sample(config, FLAGS.workdir, FLAGS.step, FLAGS.num_samples))
-    except USER_ERRORS as e:  # Something the user can fix: the message, not a traceback.
-        sys.exit(f"diffjax: {type(e).__name__}: {e}")
+    except BAD_INPUT_ERRORS as e:  # something the user can fix: the message, not a traceback
+        cli.fail(_one_line(e), cli.BAD_INPUT, e)
+    except RUNTIME_ERRORS as e:
+        cli.fail(_one_line(e), cli.RUNTIME_FAILURE, e)
+    except Exception as e:  # a bug or an environment failure: say how to report it
+        if cli.verbose():
+            raise
+        cli.fail(f"{_one_line(e)} (an unexpected error: rerun with --verbose or "
+                 f"{cli.VERBOSE_ENV}=1 for the traceback)", cli.RUNTIME_FAILURE)
 
 
-def _init_distributed() -> None:
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) if str(e) else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _check_flags() -> None:
+    """The flags that the config checks cannot see, refused before anything is built."""
+    if FLAGS.mode == "train":
+        if FLAGS.step is not None:
+            raise cli.BadInput("--step picks a checkpoint for --mode=eval/sample; training "
+                               "always resumes from the newest one (drop --step)")
+        if FLAGS.num_samples is not None:
+            raise cli.BadInput("--num_samples is for --mode=sample; the training grids use "
+                               "--config.train.num_samples")
+        cli.check_writable_dir(FLAGS.workdir, "--workdir")
+    elif not os.path.isdir(FLAGS.workdir):
+        what = "a file, not a workdir" if os.path.exists(FLAGS.workdir) else "not there"
+        raise cli.BadInput(f"--workdir {FLAGS.workdir} is {what}: --mode={FLAGS.mode} reads "
+                           f"the checkpoints a --mode=train run wrote there")
+    if FLAGS.step is not None and FLAGS.step < 0:
+        raise cli.BadInput(f"--step={FLAGS.step}: a checkpoint step is >= 0")
+    if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
+        raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
+    if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
+        raise cli.BadInput(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 1 (or leave it out)")
+
+
+def _init_distributed(cpu_devices: int) -> None:
     """Starts JAX's multi-process runtime, before anything touches a device."""
-    if FLAGS.cpu_devices:
-        jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+    if cpu_devices:  # only the CPU backend's device count: GPUs and TPUs are unaffected
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
     explicit = (FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if any(x is not None for x in explicit):
         if any(x is None for x in explicit):
-            raise app.UsageError("an explicit cluster needs all of --coordinator, "
-                                 "--num_processes and --process_id")
+            raise cli.BadInput("an explicit cluster needs all of --coordinator, "
+                               "--num_processes and --process_id")
         jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
                                    heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
     elif FLAGS.distributed:
@@ -78,5 +119,10 @@ def _init_distributed() -> None:
         jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def run() -> None:
+    """The entry point: absl's app with diffjax's flag parsing (one-line errors, exit 2)."""
+    app.run(main, flags_parser=cli.parse_flags)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    run()

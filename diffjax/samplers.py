@@ -120,28 +120,29 @@ def predict(denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array,
 # --- pure step functions, x_t → x_s between the noise levels ᾱ_t < ᾱ_s ---------------------------
 
 
-def ancestral_step(x: Array, x0: Array, ab_t: Array, ab_s: Array, noise: Array, *,
+def ancestral_step(x: Array, x0: Array, c: dict[str, Array], noise: Array, *,
                    variance: str = "beta", v: Array | None = None) -> Array:
     """x_s ~ p(x_s | x_t) = N(posterior mean given x̂_0, σ²) (DDPM Algorithm 2 via eq. 7).
 
-    For a sub-sequence of steps the jump's β and β̃ are recomputed from ᾱ (Improved DDPM §4).
-    σ² is β ("beta"), β̃ ("posterior"), or interpolated by the network's v ("learned").
-    No noise is added on the jump to the clean image (ᾱ_s = 1).
+    `c` is the jump's `schedules.transition(s, t, t_s)`: for a sub-sequence of steps its β and β̃
+    are recomputed from ᾱ (Improved DDPM §4). σ² is β ("beta"), β̃ ("posterior"), or
+    interpolated by the network's v ("learned"). No noise is added on the jump to the clean
+    image (ᾱ_s = 1).
     """
-    c = schedules.transition(ab_t, ab_s)
     mean = c["coef_x0"] * x0 + c["coef_xt"] * x
     log_var = schedules.select_log_variance(
         variance, jnp.log(c["beta"]), jnp.log(jnp.maximum(c["posterior_variance"], 1e-20)), v)
-    return jnp.where(ab_s < 1.0, mean + jnp.exp(0.5 * log_var) * noise, mean)
+    noisy = c["one_minus_alpha_bar_s"] > 0.0
+    return jnp.where(noisy, mean + jnp.exp(0.5 * log_var) * noise, mean)
 
 
-def ddim_step(x0: Array, eps: Array, ab_t: Array, ab_s: Array, eta: Array,
-              noise: Array) -> Array:
+def ddim_step(x0: Array, eps: Array, c: dict[str, Array], eta: Array, noise: Array) -> Array:
     """DDIM (Song et al. 2021, eq. 12): x_s = √ᾱ_s x̂_0 + √(1 - ᾱ_s - σ²) ε̂ + σ z, with
-    σ = η √((1 - ᾱ_s)/(1 - ᾱ_t)) √(1 - ᾱ_t/ᾱ_s) (eq. 16). η = 0 is deterministic."""
-    sigma = eta * jnp.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
-    direction = jnp.sqrt(jnp.maximum(1.0 - ab_s - sigma ** 2, 0.0)) * eps
-    return jnp.sqrt(ab_s) * x0 + direction + sigma * noise
+    σ = η √((1 - ᾱ_s)/(1 - ᾱ_t)) √(1 - ᾱ_t/ᾱ_s) = η √β̃ of the jump (eq. 16; `c` is
+    `schedules.transition(s, t, t_s)`). η = 0 is deterministic."""
+    sigma = eta * jnp.sqrt(c["posterior_variance"])
+    direction = jnp.sqrt(jnp.maximum(c["one_minus_alpha_bar_s"] - sigma ** 2, 0.0)) * eps
+    return c["sqrt_alpha_bar_s"] * x0 + direction + sigma * noise
 
 
 def dpm_solver_pp_step(x: Array, d: Array, ab_t: Array, ab_s: Array) -> Array:
@@ -220,10 +221,11 @@ def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: A
     variance = "learned" if pred.learned_variance else variance
 
     def body(i, x):
-        t, _, ab_t, ab_s = _levels(s, table, i)
+        t, t_next, _, _ = _levels(s, table, i)
         x0, _, v = predict(denoise_fn, s, x, t, pred)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return ancestral_step(x, x0, ab_t, ab_s, noise, variance=variance, v=v)
+        c = schedules.transition(s, t, t_next)
+        return ancestral_step(x, x0, c, noise, variance=variance, v=v)
 
     return _finish(_loop(body, num_steps, x_T, progress), pred)
 
@@ -234,10 +236,10 @@ def ddim_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: A
                 progress: Callable[[Array], None] | None = None) -> Array:
     """DDIM with η ∈ [0, 1] (η = 0: the deterministic, invertible sampler). See `ddpm_sample`."""
     def body(i, x):
-        t, _, ab_t, ab_s = _levels(s, table, i)
+        t, t_next, _, _ = _levels(s, table, i)
         x0, eps, _ = predict(denoise_fn, s, x, t, pred)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-        return ddim_step(x0, eps, ab_t, ab_s, eta, noise)
+        return ddim_step(x0, eps, schedules.transition(s, t, t_next), eta, noise)
 
     return _finish(_loop(body, num_steps, x_T, progress), pred)
 

@@ -82,6 +82,10 @@ class Schedule:
     sqrt_alpha_bar: Array
     sqrt_one_minus_alpha_bar: Array
     log_snr: Array  # log(ᾱ / (1 - ᾱ)), VDM (Kingma et al. 2021) eq. 3.
+    # log ᾱ from float64 as a float32 pair hi + lo (lo = the rounding error of hi; -inf at ᾱ = 0
+    # has lo = 0): differences of nearby levels stay exact to ~1e-12, see `transition`.
+    log_alpha_bar: Array
+    log_alpha_bar_lo: Array
     posterior_variance: Array  # β̃_t, DDPM eq. 7.
     posterior_log_variance_clipped: Array  # log β̃_t with β̃_1 replaced by β̃_2 (β̃_1 = 0).
     posterior_mean_coef_x0: Array  # DDPM eq. 7, coefficient of x_0.
@@ -119,6 +123,11 @@ def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
     post_log_var = np.log(np.append(post_var[1], post_var[1:])) if len(betas) > 1 else np.log(betas)
     with np.errstate(divide="ignore"):  # log-SNR is -inf where ᾱ = 0 (zero terminal SNR)
         log_snr = np.log(alpha_bar) - np.log1p(-alpha_bar)
+        # Σ log(1 - β) rather than log(Π(1 - β)): exact where ᾱ underflows too.
+        log_ab = np.cumsum(np.log1p(-betas))
+    log_ab_hi = log_ab.astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        log_ab_lo = np.where(np.isfinite(log_ab), log_ab - log_ab_hi.astype(np.float64), 0.0)
     fields = dict(
         betas=betas,
         alphas=alphas,
@@ -127,6 +136,8 @@ def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
         sqrt_alpha_bar=np.sqrt(alpha_bar),
         sqrt_one_minus_alpha_bar=np.sqrt(1.0 - alpha_bar),
         log_snr=log_snr,
+        log_alpha_bar=log_ab_hi,
+        log_alpha_bar_lo=log_ab_lo,
         posterior_variance=post_var,
         posterior_log_variance_clipped=post_log_var,
         posterior_mean_coef_x0=betas * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar),
@@ -228,20 +239,42 @@ def to_x0_eps(s: Schedule, x_t: Array, t: Array, prediction: Array,
 VARIANCES = ("beta", "posterior", "learned")
 
 
-def transition(alpha_bar_t: Array, alpha_bar_s: Array) -> dict[str, Array]:
-    """The one-jump process between noise levels ᾱ_s > ᾱ_t (s earlier than t), for any pair.
+def log_alpha_bar_at(s: Schedule, t: Array) -> tuple[Array, Array]:
+    """log ᾱ_t as the pair (hi, lo) at timesteps t (any shape); t = -1 is the clean image, 0."""
+    inside = t >= 0
+    index = jnp.maximum(t, 0)
+    return (jnp.where(inside, s.log_alpha_bar[index], 0.0),
+            jnp.where(inside, s.log_alpha_bar_lo[index], 0.0))
 
-    With s = t - 1 these are the schedule's β, β̃ and eq. 7 coefficients; for a sub-sequence of
-    steps they are the respaced chain of Improved DDPM (§4: β = 1 - ᾱ_t / ᾱ_s). ᾱ_s = 1 is the
-    jump to the clean image, where β̃ = 0.
+
+def transition(s: Schedule, t: Array, t_s: Array) -> dict[str, Array]:
+    """The one-jump process from timestep t down to t_s < t (t_s = -1: the clean image).
+
+    With t_s = t - 1 these are the schedule's β, β̃ and eq. 7 coefficients; for a sub-sequence of
+    steps they are the respaced chain of Improved DDPM (§4: β = 1 - ᾱ_t / ᾱ_s), where ᾱ_s = 1 at
+    the clean image and β̃ = 0. Written without the float32 cancellation of 1 - ᾱ_t / ᾱ_s and
+    1 - ᾱ near t = 0: β = -expm1(log ᾱ_t - log ᾱ_s) from the (hi, lo) log ᾱ held since the
+    schedule was built in float64, and 1 - ᾱ = -expm1(log ᾱ), so every coefficient keeps its
+    float32 relative precision (the plain formulas lose up to 4e-4 relative at small t).
+
+    Returns:
+      beta, posterior_variance (β̃), coef_x0 and coef_xt of the posterior mean (DDPM eq. 7),
+      sqrt_alpha_bar_s and one_minus_alpha_bar_s (1 - ᾱ_s), each shaped like t.
     """
-    beta = 1.0 - alpha_bar_t / alpha_bar_s
-    one_minus_t = 1.0 - alpha_bar_t
+    hi_t, lo_t = log_alpha_bar_at(s, t)
+    hi_s, lo_s = log_alpha_bar_at(s, t_s)
+    log_ratio = (hi_t - hi_s) + (lo_t - lo_s)  # log(ᾱ_t / ᾱ_s) ≤ 0
+    beta = -jnp.expm1(log_ratio)
+    one_minus_t = -jnp.expm1(hi_t + lo_t)
+    one_minus_s = -jnp.expm1(hi_s + lo_s)
+    sqrt_ab_s = jnp.exp(0.5 * (hi_s + lo_s))
     return dict(
         beta=beta,
-        posterior_variance=beta * (1.0 - alpha_bar_s) / one_minus_t,
-        coef_x0=beta * jnp.sqrt(alpha_bar_s) / one_minus_t,
-        coef_xt=(1.0 - alpha_bar_s) * jnp.sqrt(1.0 - beta) / one_minus_t,
+        posterior_variance=beta * one_minus_s / one_minus_t,
+        coef_x0=beta * sqrt_ab_s / one_minus_t,
+        coef_xt=one_minus_s * jnp.exp(0.5 * log_ratio) / one_minus_t,
+        sqrt_alpha_bar_s=sqrt_ab_s,
+        one_minus_alpha_bar_s=one_minus_s,
     )
 
 

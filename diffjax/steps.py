@@ -26,12 +26,29 @@ class TrainState:
     loss_history: losses.LossHistory  # per-t L_t history, for importance sampling of t
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(lr: float, warmup_steps: int, schedule: str = "constant",
+                  decay_steps: int = 0, final_lr_ratio: float = 0.0) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr`, then constant (DDPM) or a cosine decay that reaches
+    `final_lr_ratio · lr` at step `decay_steps` (the run's last step) and stays there."""
+    warmup = max(1, warmup_steps)
+    if schedule == "constant":
+        return optax.linear_schedule(0.0, lr, warmup)
+    if schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(decay_steps, warmup + 1),
+                                                  end_value=final_lr_ratio * lr)
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {LR_SCHEDULES}")
+
+
 def make_optimizer(lr: float, warmup_steps: int, weight_decay: float, b1: float, b2: float,
-                   grad_clip: float) -> optax.GradientTransformation:
-    """AdamW with linear warm-up to a constant rate, after global-norm gradient clipping."""
-    schedule = optax.linear_schedule(0.0, lr, max(1, warmup_steps))
+                   grad_clip: float, *, schedule: str = "constant", decay_steps: int = 0,
+                   final_lr_ratio: float = 0.0) -> optax.GradientTransformation:
+    """AdamW on `learning_rate(...)`, after global-norm gradient clipping (0 = no clipping)."""
+    rate = learning_rate(lr, warmup_steps, schedule, decay_steps, final_lr_ratio)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+    parts.append(optax.adamw(rate, b1=b1, b2=b2, weight_decay=weight_decay))
     return optax.chain(*parts)
 
 
@@ -136,7 +153,7 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
     def accumulate(params, inputs, dropout_key):
         k = grad_accum_steps
         # Microbatch i takes every k-th example, so each microbatch stays spread over all devices.
-        split = lambda a: jax.lax.with_sharding_constraint(  # noqa: E731
+        split = lambda a: jax.lax.with_sharding_constraint(
             jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1),
             jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
                 None, sharding.BATCH_AXES)))
@@ -154,7 +171,7 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
         # full speed, but without the memory saving the loop gives on GPU and TPU.
         unroll = jax.default_backend() == "cpu"
         (loss, grads), terms = jax.lax.scan(body, zeros, (jnp.arange(k), micro), unroll=unroll)
-        merge = lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])  # noqa: E731
+        merge = lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])
         return (loss / k, jax.tree.map(merge, terms)), jax.tree.map(lambda g: g / k, grads)
 
     def step(state: TrainState, batch: dict, key: Array):

@@ -20,6 +20,7 @@ from jax.experimental import multihost_utils
 from diffjax import checkpoint, data, image_io, losses, samplers, schedules, sharding
 from diffjax.models.unet import UNet
 from diffjax.steps import (
+    LR_SCHEDULES,
     TrainState,
     abstract_train_state,
     create_train_state,
@@ -101,13 +102,30 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if jax.process_count() > 1 and n_dev != jax.device_count():
         fail("mesh.data", f"with {jax.process_count()} processes the mesh must use all "
              f"{jax.device_count()} devices (mesh.data=-1), got {n_dev}")
-    for field in ("num_steps", "log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
+    if tr.num_steps < 1:
+        fail("train.num_steps", f"must be >= 1 (the step to train up to), got {tr.num_steps}")
+    for field in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
         if tr[field] < 0:
-            fail(f"train.{field}", "must be >= 0")
+            fail(f"train.{field}", "must be >= 0 (0 = off)")
+    if tr.keep_checkpoints < 1:
+        fail("train.keep_checkpoints", f"must be >= 1 (the newest K are kept), got "
+             f"{tr.keep_checkpoints}")
+    if d.data_dir and os.path.exists(os.path.expanduser(d.data_dir)) and not os.path.isdir(
+            os.path.expanduser(d.data_dir)):
+        fail("data.data_dir", f"{d.data_dir} is a file; name a directory for prepared datasets "
+             f"(created if missing)")
     if not 0.0 <= config.optim.ema_decay < 1.0:
         fail("optim.ema_decay", f"must be in [0, 1), got {config.optim.ema_decay}")
     if config.optim.lr <= 0:
         fail("optim.lr", "must be > 0")
+    if config.optim.lr_schedule not in LR_SCHEDULES:
+        fail("optim.lr_schedule", f"unknown {config.optim.lr_schedule!r}; choose one of "
+             f"{LR_SCHEDULES}")
+    if not 0.0 <= config.optim.final_lr_ratio <= 1.0:
+        fail("optim.final_lr_ratio", f"must be in [0, 1], got {config.optim.final_lr_ratio}")
+    if config.mesh.cpu_devices < 0:
+        fail("mesh.cpu_devices", f"must be >= 0 (0 = JAX's default), got "
+             f"{config.mesh.cpu_devices}")
 
 
 def _check_diffusion(df, fail) -> None:
@@ -176,7 +194,9 @@ def _model(config) -> UNet:
 
 def _optimizer(config) -> optax.GradientTransformation:
     o = config.optim
-    return make_optimizer(o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.grad_clip)
+    return make_optimizer(o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.grad_clip,
+                          schedule=o.lr_schedule, decay_steps=config.train.num_steps,
+                          final_lr_ratio=o.final_lr_ratio)
 
 
 def _schedule(config) -> schedules.Schedule:
@@ -192,11 +212,11 @@ def _loss_kwargs(config) -> dict:
                 min_snr_gamma=df.min_snr_gamma)
 
 
-def _source(config, split: str):
+def open_split(config, split: str):
     """The dataset split; on several processes, process 0 prepares it while the others wait."""
     d = config.data
     data_dir = d.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    load = lambda: data.load_source(d.name, split,  # noqa: E731
+    load = lambda: data.load_source(d.name, split,
                                     os.path.expanduser(data_dir), folder=d.folder or None)
     if jax.process_count() == 1:
         return load()
@@ -205,7 +225,7 @@ def _source(config, split: str):
     return source if source is not None else load()
 
 
-class _Setup:
+class Setup:
     """Everything the three modes share, built from the config (main/train only read configs)."""
 
     def __init__(self, config):
@@ -251,13 +271,18 @@ class _Setup:
 class MetricWriter:
     """Scalars to TensorBoard event files and to `metrics.jsonl` in the workdir (process 0)."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, resumed_step: int | None = None):
+        """`resumed_step`: training restarts after this step, so the train lines of later steps
+        (from a run that crashed before its next checkpoint) are dropped, and a line cut short
+        by a crash too: the file then reads as if the run had never been interrupted."""
         self.active = jax.process_index() == 0
         if self.active:
             from tensorboardX import SummaryWriter
 
+            path = os.path.join(workdir, "metrics.jsonl")
+            _trim_metrics(path, resumed_step)
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._file = open(path, "a")
 
     def write(self, step: int, scalars: dict) -> None:
         if not self.active:
@@ -271,6 +296,27 @@ class MetricWriter:
         if self.active:
             self._tb.close()
             self._file.close()
+
+
+def _trim_metrics(path: str, resumed_step: int | None) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+
+    def keep(line):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return False  # cut short by a crash mid-write
+        trained = any(k.startswith("train/") for k in record)
+        return not (trained and resumed_step is not None and record["step"] > resumed_step)
+
+    kept = [line for line in lines if line.endswith("\n") and keep(line)]
+    if len(kept) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _agreed(flag: bool) -> bool:
@@ -294,7 +340,7 @@ def _check_finite(pending: list[tuple[int, Array]], last_saved: int | None) -> l
     return values
 
 
-def _write_samples(setup: _Setup, params, num: int, key, path: str,
+def write_samples(setup: Setup, params, num: int, key, path: str,
                    progress: bool = False) -> np.ndarray:
     """Draws `num` samples with `params`; writes a PNG grid and an .npz (`images`) beside it.
 
@@ -332,19 +378,28 @@ def _write_samples(setup: _Setup, params, num: int, key, path: str,
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (resuming from the workdir's newest checkpoint), logs, samples and checkpoints."""
-    setup = _Setup(config)
+    setup = Setup(config)
     tr = config.train
     d = config.data
-    train_iter = data.make_train_iterator(
-        _source(config, d.train_split), image_size=d.image_size, channels=d.channels,
-        global_batch=tr.batch_size, seed=config.seed, random_flip=d.random_flip,
-        worker_count=d.worker_count)
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tr.keep_checkpoints)
+    data_state = None
     if ckpt.latest_step() is not None:
-        state, data_state, last_saved = ckpt.restore(setup.abstract_state)
-        train_iter.set_state(data_state["train_iter"])
+        state, data_state, last_saved = ckpt.restore(setup.abstract_state, set_aside=True)
+        if last_saved >= tr.num_steps:
+            ckpt.close()
+            log.info("already at step %d (train.num_steps=%d): nothing to train; raise "
+                     "--config.train.num_steps to train on", last_saved, tr.num_steps)
+            return state
         log.info("resumed from step %d in %s", last_saved, ckpt.directory)
+    source = open_split(config, d.train_split)
+    if (warning := data.upsampling_warning(source, d.image_size)) is not None:
+        log.warning("%s: %s", d.name, warning)
+    train_iter = data.make_train_iterator(
+        source, image_size=d.image_size, channels=d.channels, global_batch=tr.batch_size,
+        seed=config.seed, random_flip=d.random_flip, worker_count=d.worker_count)
+    if data_state is not None:
+        _continue_stream(train_iter, data_state["train_iter"], ckpt)
     else:
         state = create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
                                    setup.mesh, num_timesteps=setup.schedule.num_steps)
@@ -353,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                  setup.abstract_state, ema_decay=config.optim.ema_decay,
                                  t_sampling=config.diffusion.t_sampling,
                                  grad_accum_steps=tr.grad_accum_steps, **_loss_kwargs(config))
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resumed_step=last_saved if last_saved is not None else 0)
     stop = {"signal": None}
     # Several processes must agree on the stop step, so Ctrl-C is a flag there too.
     handled = (signal.SIGTERM,) if jax.process_count() == 1 else (signal.SIGTERM, signal.SIGINT)
@@ -401,11 +456,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _check_finite(pending, last_saved)
                 save(step)
             if at(tr.sample_every_steps):
-                _write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
+                write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
                                grid_path())
         healthy = True
         if step == tr.num_steps and not at(tr.sample_every_steps):  # the final grid
-            _write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
+            write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
                            grid_path())
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: writing a final checkpoint", step)
@@ -426,7 +481,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return state
 
 
-def _restore_for_inference(setup: _Setup, workdir: str, step: int | None):
+def _continue_stream(train_iter: data.TrainIterator, saved: dict, ckpt) -> None:
+    """Puts the input pipeline where the checkpoint's run left it (also under a new batch)."""
+    try:
+        train_iter.set_state(saved)
+    except ValueError as e:
+        ckpt.close()
+        raise checkpoint.CheckpointError(
+            f"cannot continue the checkpoint's data stream: {e} Train with the data settings "
+            f"of the run that wrote it (data.*, seed, processes), or use a fresh --workdir."
+        ) from None
+    new_batch = train_iter.get_state()["global_batch"]
+    if saved.get("global_batch") != new_batch:
+        log.warning("train.batch_size changed from %s to %d: continuing the same stream of "
+                    "examples at example %d", saved.get("global_batch"), new_batch,
+                    train_iter.get_state()["next_example"])
+
+
+def _restore_for_inference(setup: Setup, workdir: str, step: int | None):
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
     try:
         state, _, restored = ckpt.restore(setup.abstract_state, step)
@@ -440,7 +512,7 @@ def load_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 
     `setup.model`, `setup.schedule` and `setup.mesh` are what `steps.make_sample_fn` takes.
     """
-    setup = _Setup(config)
+    setup = Setup(config)
     state, restored = _restore_for_inference(setup, workdir, step)
     return setup, state.ema_params, restored
 
@@ -448,11 +520,11 @@ def load_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None =
 def sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
            num_samples: int | None = None) -> str:
     """Samples from a checkpoint's EMA parameters; writes `samples/sample_<step>.png` and `.npz`."""
-    setup = _Setup(config)
+    setup = Setup(config)
     state, restored = _restore_for_inference(setup, workdir, step)
     num = num_samples or config.train.num_samples
     path = os.path.join(workdir, "samples", f"sample_{restored:07d}.png")
-    _write_samples(setup, state.ema_params, num, setup.sample_key, path, progress=True)
+    write_samples(setup, state.ema_params, num, setup.sample_key, path, progress=True)
     log.info("wrote %d samples from step %d to %s", num, restored, path)
     return path
 
@@ -463,10 +535,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     Bits/dim is the full variational bound (`losses.bits_per_dim`): T network calls per image, so
     this costs about as much as sampling the test split with the T-step ancestral sampler.
     """
-    setup = _Setup(config)
+    setup = Setup(config)
     state, restored = _restore_for_inference(setup, workdir, step)
     d, df = config.data, config.diffusion
-    eval_iter = data.make_eval_iterator(_source(config, d.eval_split), image_size=d.image_size,
+    eval_iter = data.make_eval_iterator(open_split(config, d.eval_split), image_size=d.image_size,
                                         channels=d.channels,
                                         batch_size=config.train.eval_batch_size)
     eval_step = make_eval_step(setup.model, setup.schedule, setup.mesh,

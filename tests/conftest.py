@@ -6,3 +6,55 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
+# One persistent compilation cache per test run, shared with the CLI subprocesses the tests
+# start: the tiny models' programs compile once per run, not once per test and process (most
+# of the suite's time on 2 cores is XLA compiling). Fresh each run, so no stale entry is read.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _OWN_CACHE = tempfile.mkdtemp(prefix="diffjax-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
+import contextlib  # noqa: E402 - after the environment above, like every import of JAX
+
+import pytest  # noqa: E402
+
+
+class CompileCounter:
+    """Counts XLA compilations through JAX's public monitoring events."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event == self.EVENT:
+            self.count += 1
+
+    @contextlib.contextmanager
+    def none_expected(self, what: str):
+        """Fails if the block compiles anything."""
+        before = self.count
+        yield
+        assert self.count == before, f"{what} compiled {self.count - before} new program(s)"
+
+
+@pytest.fixture
+def compiles():
+    import jax.monitoring
+
+    counter = CompileCounter()
+    jax.monitoring.register_event_duration_secs_listener(counter)
+    yield counter
+    jax.monitoring.unregister_event_duration_listener(counter)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -363,6 +363,28 @@ def test_resume_from_state_continues_bit_exactly(digits_dir):
         other_seed.set_state(state)
 
 
+def test_resume_under_another_batch_size_continues_at_the_same_example(digits_dir):
+    """Batch 64 for 30 batches, then batch 48: the stream of examples goes on unbroken, the same
+    as one uninterrupted read (and a version-1 state, batch positions only, reads the same)."""
+    source = data.load_source("digits", "train", digits_dir)
+    kwargs = dict(image_size=8, channels=1, seed=5, random_flip=True)
+    reference = data.make_train_iterator(source, global_batch=16, **kwargs)
+    stream = np.concatenate([b["image"] for b in _take(reference, 132)])  # 2112 examples
+    iterator = data.make_train_iterator(source, global_batch=64, **kwargs)
+    _take(iterator, 30)
+    state = json.loads(json.dumps(iterator.get_state()))
+    assert state["next_example"] == 30 * 64
+    old_state = {k: v for k, v in state.items() if k != "next_example"} | {"version": 1}
+    for saved in (state, old_state):
+        resumed = data.make_train_iterator(source, global_batch=48, **kwargs)
+        resumed.set_state(saved)
+        images = np.concatenate([b["image"] for b in _take(resumed, 4)])
+        np.testing.assert_array_equal(images, stream[30 * 64 : 30 * 64 + 4 * 48])
+        assert resumed.get_state()["next_example"] == 30 * 64 + 4 * 48
+    with pytest.raises(ValueError, match="version"):
+        resumed.set_state({**state, "version": 9})
+
+
 def test_eval_iterator_covers_the_test_split_once(digits_dir):
     source = data.load_source("digits", "test", digits_dir)
     batches = list(data.make_eval_iterator(source, image_size=8, channels=1, batch_size=64))
@@ -412,3 +434,9 @@ def test_worker_processes_give_the_same_stream(digits_dir):
     resumed.set_state(workers.get_state())
     for a, b in zip(threads[2:], _take(resumed, 4), strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_upsampling_more_than_twofold_is_warned():
+    assert data.upsampling_warning(ListSource(10, (8, 8, 1)), 16) is None  # 2x: fine
+    message = data.upsampling_warning(ListSource(10, (2, 3, 1)), 16)
+    assert "only 2 px" in message and "8.0x" in message and "data.image_size (<= 4)" in message

@@ -1,6 +1,7 @@
 """End to end through the real CLI: train, SIGTERM, resume in a new process, sample, eval."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ def _cli(workdir, data_dir, *flags):
 
 
 def _restore(config, workdir, step=None):
-    setup = train._Setup(config)
+    setup = train.Setup(config)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         return ckpt.restore(setup.abstract_state, step)
@@ -107,6 +108,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, caplog):
+    caplog.set_level(logging.INFO, logger="diffjax")
     config = _config(data_dir, num_steps=4, checkpoint_every_steps=2)
     train.train_and_evaluate(config, str(tmp_path))
     ckpts = tmp_path / "checkpoints"
@@ -121,6 +123,31 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, caplog):
         _restore(config, str(tmp_path), 7)
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in"):
         _restore(config, str(tmp_path / "empty"))
+
+    # Training on: the unreadable step 4 is moved aside (kept), then written again.
+    caplog.clear()
+    train.train_and_evaluate(_config(data_dir, num_steps=6, checkpoint_every_steps=2),
+                             str(tmp_path))
+    assert "moved the unreadable checkpoint of step 4 aside" in caplog.text
+    assert [p.name for p in ckpts.iterdir() if p.name.startswith("4.corrupt-")]
+    assert checkpoint.Checkpointer(str(ckpts)).all_steps() == [2, 4, 6]
+    for s in (4, 6):
+        assert _restore(config, str(tmp_path), s)[2] == s
+
+    # At or past train.num_steps: said, nothing trained, no new grid.
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    for num_steps in (6, 5):
+        caplog.clear()
+        state = train.train_and_evaluate(_config(data_dir, num_steps=num_steps), str(tmp_path))
+        assert int(state.step) == 6 and "already at step 6" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == grids
+
+    # Another global batch size: the stream goes on at the next example.
+    caplog.clear()
+    train.train_and_evaluate(_config(data_dir, num_steps=8, batch_size=8), str(tmp_path))
+    assert "train.batch_size changed from 16 to 8" in caplog.text
+    _, data_state, step = _restore(config, str(tmp_path))
+    assert step == 8 and data_state["train_iter"]["next_example"] == 6 * 16 + 2 * 8
 
 
 def test_cli_rejects_bad_config_before_compiling(tmp_path, data_dir):

@@ -33,7 +33,7 @@ def _launch(workdir, data_dir, port, *flags):
                f"--config.data.data_dir={data_dir}", f"--coordinator=127.0.0.1:{port}",
                "--num_processes=2", f"--process_id={i}", "--cpu_devices=2",
                "--heartbeat_timeout_s=10", *flags]
-        log = open(os.path.join(str(workdir) + f".p{i}.log"), "w")  # noqa: SIM115
+        log = open(os.path.join(str(workdir) + f".p{i}.log"), "w")
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
                                        stderr=subprocess.STDOUT), log))
     return procs
@@ -93,9 +93,9 @@ def test_two_processes_stop_resume_match_one_process_and_fail_fast(tmp_path):
     #    from scratch on the same global batches: process 0's shard then process 1's.
     config = digits.get_config("tiny")
     config.data.data_dir = str(data_dir)
-    setup = train._Setup(config)
+    setup = train.Setup(config)
     d = config.data
-    iters = [data.make_train_iterator(train._source(config, "train"), image_size=d.image_size,
+    iters = [data.make_train_iterator(train.open_split(config, "train"), image_size=d.image_size,
                                       channels=d.channels, global_batch=16, seed=config.seed,
                                       random_flip=False, process_index=i, process_count=2)
              for i in range(2)]

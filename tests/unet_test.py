@@ -117,7 +117,7 @@ def test_group_norm_matches_numpy_and_flax_gradients():
                                rtol=1e-4, atol=1e-4)
 
     r = rng.standard_normal(x.shape).astype(np.float32)
-    grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * r),  # noqa: E731
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * r),
                               argnums=(0, 1))(params, x)
     ours, ref = grad(GroupNorm(4, 1e-6)), grad(nn.GroupNorm(4, epsilon=1e-6))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):

@@ -9,6 +9,7 @@ from diffjax.data.pipeline import (
     make_eval_iterator,
     make_train_iterator,
     preprocess_image,
+    upsampling_warning,
 )
 from diffjax.data.sources import RecordSource, get_builder, load_source, num_classes
 
@@ -24,4 +25,5 @@ __all__ = [
     "make_train_iterator",
     "num_classes",
     "preprocess_image",
+    "upsampling_warning",
 ]

@@ -15,7 +15,8 @@ from PIL import Image
 
 _READ_THREADS = 4  # threads preparing batches ahead when worker_count == 0
 _PREFETCH_BATCHES = 4  # batches kept ready per process
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+MAX_UPSAMPLING = 2  # images smaller than image_size / this on a side get a warning
 
 
 def preprocess_image(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
@@ -41,6 +42,24 @@ def preprocess_image(image: np.ndarray, image_size: int, channels: int) -> np.nd
         pil = pil.resize((image_size, image_size), Image.Resampling.BICUBIC)
     array = np.asarray(pil, np.float32).reshape(image_size, image_size, channels)
     return array / 127.5 - 1.0
+
+
+def upsampling_warning(source, image_size: int, probe: int = 32) -> str | None:
+    """A warning when some images are smaller than image_size / MAX_UPSAMPLING on a side.
+
+    Reads `probe` records spread over the source (a few ms); None when they are all big enough.
+    """
+    n = len(source)
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(probe, n))}) if n else []
+    sides = [min(np.shape(source[i]["image"])[:2]) for i in picks]
+    if not sides or min(sides) * MAX_UPSAMPLING >= image_size:
+        return None
+    return (
+        f"some images are only {min(sides)} px on their short side: training at image_size="
+        f"{image_size} upsamples them {image_size / min(sides):.1f}x (more than "
+        f"{MAX_UPSAMPLING}x), so the model learns interpolation blur. Use bigger images or a "
+        f"smaller data.image_size (<= {min(sides) * MAX_UPSAMPLING})."
+    )
 
 
 def _example(record, image_size: int, channels: int) -> dict:
@@ -83,23 +102,29 @@ def _shard(source, process_index: int, process_count: int) -> grain.MapDataset:
 class TrainIterator:
     """Endless batches {'image': float32 [b, S, S, C], 'label': int32 [b]}; b = per-process batch.
 
-    Batch n of the stream is a pure function of (source, seed, n), so the state is just n:
-    `get_state()` returns {'version': 1, 'next_batch': n, 'num_examples': N, 'global_batch': B,
-    'process_count': P, 'seed': s}, a JSON-serializable dict that is identical on every process
-    and independent of worker_count. `set_state(state)` continues with batch n. Restoring into a
-    pipeline with other N, B, P or seed is an error (the position would mean other data).
+    The stream is one endless sequence of examples (this process's shard, reshuffled every epoch)
+    cut into batches, and example e is a pure function of (source, seed, e). So the state is the
+    position: `get_state()` returns {'version': 2, 'next_example': e, 'next_batch': n,
+    'num_examples': N, 'global_batch': B, 'process_count': P, 'seed': s}, a JSON-serializable
+    dict, identical on every process and independent of worker_count. `set_state(state)`
+    continues with example e, also under another global batch size (the next batch then starts
+    where the last one ended); other N, P or seed are an error (the position would mean other
+    data). Version-1 states (batch positions only) are read too.
     """
 
-    def __init__(self, batches: grain.MapDataset, identity: dict, worker_count: int):
-        self._batches = batches
+    def __init__(self, examples: grain.MapDataset, batch: int, identity: dict,
+                 worker_count: int):
+        self._examples = examples
+        self._batch = batch
         self._identity = identity
         self._worker_count = worker_count
+        self._next_example = 0
         self._next_batch = 0
         self._iterator = None  # started lazily, so set_state before the first batch is free
 
     def _start(self):
-        batches = self._batches[self._next_batch :] if self._next_batch else self._batches
-        dataset = batches.to_iter_dataset(
+        examples = self._examples[self._next_example :] if self._next_example else self._examples
+        dataset = examples.batch(self._batch, drop_remainder=True).to_iter_dataset(
             grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
         )
         if self._worker_count > 0:
@@ -115,21 +140,40 @@ class TrainIterator:
             self._iterator = self._start()
         batch = next(self._iterator)
         self._next_batch += 1
+        self._next_example += self._batch
         return batch
 
     def get_state(self) -> dict:
         """The position after the last batch returned, as a JSON-serializable dict."""
-        return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._identity}
+        return {
+            "version": _STATE_VERSION,
+            "next_example": self._next_example,
+            "next_batch": self._next_batch,
+            **self._identity,
+        }
 
     def set_state(self, state: dict) -> None:
-        """Continues from `state` (from `get_state`, possibly through a JSON round trip)."""
-        for key, value in {"version": _STATE_VERSION, **self._identity}.items():
-            if state.get(key) != value:
+        """Continues from `state` (from `get_state`, possibly through a JSON round trip).
+
+        Raises:
+          ValueError: the state belongs to other data (dataset size, process count, seed) or
+            to an unknown version.
+        """
+        version = state.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(
+                f"input pipeline state has version={version!r}; this diffjax reads 1 and "
+                f"{_STATE_VERSION}."
+            )
+        for key in ("num_examples", "process_count", "seed"):
+            if state.get(key) != self._identity[key]:
                 raise ValueError(
                     f"input pipeline state has {key}={state.get(key)!r}, but this pipeline has "
-                    f"{key}={value!r}: the saved position does not apply to it."
+                    f"{key}={self._identity[key]!r}: the saved position does not apply to it."
                 )
+        saved_batch = int(state["global_batch"]) // int(state["process_count"])
         self._next_batch = int(state["next_batch"])
+        self._next_example = int(state.get("next_example", self._next_batch * saved_batch))
         self._iterator = None
 
 
@@ -176,7 +220,7 @@ def make_train_iterator(
         "process_count": process_count,
         "seed": seed,
     }
-    return TrainIterator(dataset.batch(batch, drop_remainder=True), identity, worker_count)
+    return TrainIterator(dataset, batch, identity, worker_count)
 
 
 def make_eval_iterator(

@@ -204,7 +204,7 @@ class RecordSource:
     def __getitems__(self, indices) -> list[dict]:
         try:
             raws = self._source.__getitems__(list(indices))
-        except Exception:  # find and name the bad example
+        except Exception:  # noqa: BLE001 - find and name the bad example
             return [self[i] for i in indices]
         return [self._record(raw) for raw in raws]
 

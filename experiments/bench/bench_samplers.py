@@ -52,7 +52,7 @@ def main() -> None:
     forward = jax.jit(lambda p, x: model.apply({"params": p}, x, t), compiler_options=opts)
 
     def loop(p, x, n):
-        body = lambda i, x: model.apply({"params": p}, x, t)  # noqa: E731
+        body = lambda i, x: model.apply({"params": p}, x, t)
         return jax.lax.fori_loop(0, n, body, x)
 
     bare_loop = jax.jit(loop, compiler_options=opts)

@@ -1,0 +1,166 @@
+"""The command line's boundary: flags and config files checked, one-line errors, exit codes."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+import tempfile
+import traceback
+
+import ml_collections
+
+# Exit codes (the CLI convention): success, a failure while running, bad input from the user.
+OK, RUNTIME_FAILURE, BAD_INPUT = 0, 1, 2
+VERBOSE_ENV = "DIFFJAX_VERBOSE"  # =1: full tracebacks, for bug reports (same as --verbose)
+
+
+class BadInput(ValueError):
+    """Something on the command line (a flag, the config file, the workdir) that the user fixes."""
+
+
+def fail(message: str, code: int, exc: BaseException | None = None) -> None:
+    """Prints `diffjax: <message>` (plus the traceback when verbose) and exits with `code`."""
+    if exc is not None and verbose():
+        traceback.print_exception(exc)
+    sys.stderr.write(f"diffjax: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def verbose(argv: list[str] | None = None) -> bool:
+    argv = sys.argv if argv is None else argv
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0") or "--verbose" in argv
+
+
+# --- the config file and its overrides ----------------------------------------------------------
+
+
+def _flag_values(argv: list[str], name: str) -> list[tuple[str, str | None]]:
+    """(flag, value) for `--name=v`, `--name v` and `--name.field=v` style arguments."""
+    out = []
+    for i, arg in enumerate(argv[1:], start=1):
+        if arg == "--":
+            break
+        if not arg.startswith(f"--{name}"):
+            continue
+        flag, eq, value = arg[2:].partition("=")
+        if flag != name and not flag.startswith(f"{name}."):
+            continue
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            value = nxt if nxt is not None and not nxt.startswith("--") else None
+        out.append((flag, value))
+    return out
+
+
+def add_config_root(argv: list[str]) -> None:
+    """Makes `from configs import default` work from any directory: a config file in a folder
+    `configs/` imports its siblings as the package `configs`, so that folder's parent goes on
+    sys.path (configs/ of this repository, or of a user's own project)."""
+    for flag, value in _flag_values(argv, "config"):
+        if flag == "config" and value:
+            folder = os.path.dirname(os.path.abspath(value.partition(":")[0]))
+            if os.path.basename(folder) == "configs":
+                root = os.path.dirname(folder)
+                if root not in sys.path:
+                    sys.path.insert(0, root)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Loads `path[:variant]` the way `config_flags` does, with one clear error per failure.
+
+    Raises:
+      BadInput: missing file, a directory, a syntax error, a failing import, no `get_config`,
+        or an error raised by `get_config` (an unknown variant).
+    """
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise BadInput(f"--config: no such file {path!r} (give a config file such as "
+                       f"configs/digits.py, relative to {os.getcwd()} or absolute)")
+    if os.path.isdir(path):
+        found = sorted(f for f in os.listdir(path) if f.endswith(".py") and f != "__init__.py")
+        hint = f"; it holds {', '.join(found)}" if found else ""
+        raise BadInput(f"--config: {path} is a directory, not a config file{hint}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        compile(source, path, "exec")
+    except SyntaxError as e:
+        raise BadInput(f"--config: syntax error in {path}, line {e.lineno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInput(f"--config: cannot read {path}: {e}") from None
+    spec_ = importlib.util.spec_from_file_location("diffjax_config_check", path)
+    module = importlib.util.module_from_spec(spec_)
+    try:
+        spec_.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever the file raises is the user's to fix
+        raise BadInput(f"--config: {path} failed to load: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise BadInput(f"--config: {path} has no get_config() function")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # noqa: BLE001 - e.g. the config's own "unknown variant" error
+        where = f"{path}:{arg}" if arg else path
+        raise BadInput(f"--config: {where}: {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise BadInput(f"--config: {path}: get_config() returned a {type(config).__name__}, "
+                       f"not an ml_collections.ConfigDict")
+    return config
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """Every `--config.a.b=v` must name an existing field; a misspelling gets a suggestion."""
+    for flag, _ in _flag_values(argv, "config"):
+        if flag == "config":
+            continue
+        node, walked = config, "config"
+        for key in flag.split(".")[1:]:
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise BadInput(f"--{flag}: {walked} is a value, not a section")
+            if key not in node:
+                close = difflib.get_close_matches(key, list(node.keys()), n=1, cutoff=0.5)
+                hint = f"; did you mean {walked}.{close[0]}?" if close else (
+                    f"; {walked} has {', '.join(sorted(node.keys()))}")
+                raise BadInput(f"--{flag}: {walked} has no field {key!r}{hint}")
+            node, walked = node[key], f"{walked}.{key}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error as one line and exit code 2 (for `app.run`)."""
+    from absl import flags
+
+    add_config_root(argv)
+    specs = [v for f, v in _flag_values(argv, "config") if f == "config"]
+    try:
+        if specs and specs[-1]:
+            check_overrides(load_config_file(specs[-1]), argv)
+        rest = flags.FLAGS(argv)
+        if flags.FLAGS["config"].present:
+            flags.FLAGS.config  # noqa: B018 - raises a deferred load error now, not mid-run
+    except BadInput as e:
+        fail(str(e), BAD_INPUT)
+    except flags.Error as e:
+        fail(f"{str(e).splitlines()[0]} (see --helpshort)", BAD_INPUT, e)
+    except Exception as e:  # noqa: BLE001 - config_flags' own errors while applying overrides
+        fail(f"bad flags: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+             BAD_INPUT, e)
+    return rest
+
+
+# --- the workdir and other paths ----------------------------------------------------------------
+
+
+def check_writable_dir(path: str, what: str) -> None:
+    """Creates `path` if needed and proves it writable with a real file (permission bits do not
+    tell for root, network filesystems or read-only mounts)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BadInput(f"{what} {path} exists and is not a directory; choose another path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".diffjax-write-check-"):
+            pass
+    except OSError as e:
+        raise BadInput(f"{what} {path} is not writable ({e.strerror or e}); fix its "
+                       f"permissions or choose another path") from None

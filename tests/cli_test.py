@@ -1,0 +1,127 @@
+"""Bad input through the real CLI: one line naming what is wrong, exit code 2, nothing lost."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = f"{ROOT}/configs/digits.py:tiny"
+
+
+def _cmd(*flags):
+    return [sys.executable, "-m", "diffjax.main", *flags]
+
+
+def _run_all(cases: dict, cwd=ROOT) -> dict:
+    """Runs every case's command at once (each mostly waits on imports), returns the results."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    procs = {name: subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+             for name, cmd in cases.items()}
+    return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def bad(tmp_path_factory):
+    """Every bad command line once, run side by side: {name: (rc, stdout, stderr)}."""
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "syntax.py").write_text("def get_config(:\n    pass\n")
+    (tmp / "noget.py").write_text("X = 1\n")
+    (tmp / "a_file").write_text("not a directory")
+    data = f"--config.data.data_dir={tmp / 'tfds'}"
+    work = f"--workdir={tmp / 'work'}"
+    cases = {
+        "missing": _cmd("--config", str(tmp / "nope.py"), work),
+        "directory": _cmd("--config", f"{ROOT}/configs", work),
+        "syntax": _cmd("--config", str(tmp / "syntax.py"), work),
+        "no_get_config": _cmd("--config", str(tmp / "noget.py"), work),
+        "variant": _cmd("--config", f"{ROOT}/configs/digits.py:huge", work),
+        "field": _cmd("--config", TINY, work, "--config.optim.lrr=1"),
+        "section": _cmd("--config", TINY, work, "--config.optimiser.lr=1"),
+        "value_type": _cmd("--config", TINY, work, "--config.optim.lr=fast"),
+        "unknown_flag": _cmd("--config", TINY, work, "--mdoe=train"),
+        "workdir_file": _cmd("--config", TINY, f"--workdir={tmp / 'a_file'}", data),
+        "workdir_under_file": _cmd("--config", TINY, f"--workdir={tmp / 'a_file' / 'w'}", data),
+        "data_dir_file": _cmd("--config", TINY, work, f"--config.data.data_dir={tmp / 'a_file'}"),
+        "num_steps_0": _cmd("--config", TINY, work, data, "--config.train.num_steps=0"),
+        "keep_negative": _cmd("--config", TINY, work, data, "--config.train.keep_checkpoints=-1"),
+        "step_in_train": _cmd("--config", TINY, work, data, "--step=3"),
+        "cpu_devices": _cmd("--config", TINY, work, data, "--cpu_devices=-2"),
+        "num_samples_0": _cmd("--config", TINY, work, data, "--mode=sample", "--num_samples=0"),
+        "num_samples_neg": _cmd("--config", TINY, work, data, "--mode=sample",
+                                "--num_samples=-3"),
+        "sample_no_workdir": _cmd("--config", TINY, f"--workdir={tmp / 'none'}", "--mode=sample"),
+        "verbose": _cmd("--config", TINY, work, data, "--config.data.image_size=7", "--verbose"),
+        "other_cwd": _cmd("--config", TINY, work, "--config.data.image_size=7"),
+    }
+    results = _run_all({k: v for k, v in cases.items() if k != "other_cwd"})
+    results.update(_run_all({"other_cwd": cases["other_cwd"]}, cwd=str(tmp)))
+    results["tmp"] = tmp
+    return results
+
+
+EXPECTED = {  # case: words the one-line message must hold
+    "missing": ["--config", "no such file", "nope.py"],
+    "directory": ["is a directory", "digits.py"],
+    "syntax": ["syntax error", "syntax.py", "line 1"],
+    "no_get_config": ["no get_config()"],
+    "variant": ["unknown variant 'huge'"],
+    "field": ["--config.optim.lrr", "did you mean config.optim.lr?"],
+    "section": ["--config.optimiser.lr", "did you mean config.optim?"],
+    "value_type": ["optim.lr", "fast"],
+    "unknown_flag": ["mdoe"],
+    "workdir_file": ["--workdir", "not a directory"],
+    "workdir_under_file": ["--workdir", "not writable"],
+    "data_dir_file": ["config.data.data_dir", "is a file"],
+    "num_steps_0": ["config.train.num_steps", ">= 1"],
+    "keep_negative": ["config.train.keep_checkpoints", ">= 1"],
+    "step_in_train": ["--step", "--mode=eval/sample"],
+    "cpu_devices": ["--cpu_devices=-2"],
+    "num_samples_0": ["--num_samples=0", ">= 1"],
+    "num_samples_neg": ["--num_samples=-3", ">= 1"],
+    "sample_no_workdir": ["--workdir", "not there"],
+    "other_cwd": ["config.data.image_size: 7"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPECTED))
+def test_bad_input_is_one_line_and_exit_code_2(bad, case):
+    rc, out, err = bad[case]
+    assert rc == 2, (rc, err[-2000:])
+    assert "Traceback" not in err, err[-2000:]
+    lines = [x for x in err.splitlines() if x.startswith("diffjax: ")]
+    assert len(lines) == 1, err[-2000:]
+    for words in EXPECTED[case]:
+        assert words in lines[0], lines[0]
+    assert not (bad["tmp"] / "work" / "checkpoints").exists()
+
+
+def test_verbose_shows_the_traceback(bad):
+    rc, _, err = bad["verbose"]
+    assert rc == 2 and "Traceback" in err and "config.data.image_size: 7" in err
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory nobody can write to: chmod for users, the immutable flag for root (root
+    writes through permission bits)."""
+    path = tmp_path / "ro"
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("root without chattr: no way to make a read-only directory here")
+    yield path
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], check=True)
+    path.chmod(0o755)
+
+
+def test_read_only_workdir_train_and_sample(read_only_dir):
+    work = f"--workdir={read_only_dir}"
+    results = _run_all({"train": _cmd("--config", TINY, work),
+                        "sample": _cmd("--config", TINY, work, "--mode=sample")})
+    for mode, (rc, _, err) in results.items():
+        assert rc == 2 and "not writable" in err and "Traceback" not in err, (mode, err[-2000:])
