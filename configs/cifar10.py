@@ -21,8 +21,9 @@ def get_config(arg: str | None = None):
 
     if arg == "small":  # A narrower, shallower U-Net for quicker runs.
         config.model.update(base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=1)
-        config.train.update(num_steps=100_000, checkpoint_every_steps=5_000,
-                            sample_every_steps=25_000)
+        config.train.update(
+            num_steps=100_000, checkpoint_every_steps=5_000, sample_every_steps=25_000
+        )
     elif arg:
         raise ValueError(f"unknown variant {arg!r} of configs/cifar10.py; use '' or 'small'")
     return config

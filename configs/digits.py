@@ -14,26 +14,45 @@ from configs import default
 def get_config(arg: str | None = None):
     config = default.get_config()
     config.data.update(name="digits", image_size=16, channels=1, random_flip=False)
-    config.model.update(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-                        attention_resolutions=(), dropout=0.0)
+    config.model.update(
+        base_channels=32,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        dropout=0.0,
+    )
     config.optim.update(lr=1e-3, warmup_steps=200, ema_decay=0.999)
-    config.train.update(batch_size=64, num_steps=2500, log_every_steps=100,
-                        checkpoint_every_steps=500, sample_every_steps=0, eval_batch_size=64)
+    config.train.update(
+        batch_size=64,
+        num_steps=2500,
+        log_every_steps=100,
+        checkpoint_every_steps=500,
+        sample_every_steps=0,
+        eval_batch_size=64,
+    )
 
     if arg == "tiny":
         config.data.image_size = 8
-        config.model.update(base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
-                            attention_resolutions=(4,))
+        config.model.update(
+            base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,)
+        )
         config.diffusion.num_steps = 20
         config.sampler.update(steps=20, max_steps=20)
-        config.train.update(batch_size=16, num_steps=6, log_every_steps=2,
-                            checkpoint_every_steps=3, sample_every_steps=0, num_samples=16,
-                            eval_batch_size=16)
+        config.train.update(
+            batch_size=16,
+            num_steps=6,
+            log_every_steps=2,
+            checkpoint_every_steps=3,
+            sample_every_steps=0,
+            num_samples=16,
+            eval_batch_size=16,
+        )
         config.sampler.batch_size = 16
         config.optim.warmup_steps = 2
     elif arg == "hybrid":  # Improved DDPM: learned variances, L_simple + λ L_vlb.
         config.diffusion.update(learned_variance=True, loss="hybrid")
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/digits.py; use '', 'tiny' or "
-                         f"'hybrid'")
+        raise ValueError(
+            f"unknown variant {arg!r} of configs/digits.py; use '', 'tiny' or 'hybrid'"
+        )
     return config

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 from typing import Any
 
@@ -28,10 +30,14 @@ class Checkpointer:
         # A save killed mid-write leaves `<step>.orbax-checkpoint-tmp`: never a complete
         # checkpoint, so it is removed when a manager opens the directory.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "data"))
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "data")
+        )
 
     def all_steps(self) -> list[int]:
         self._manager.reload()
@@ -43,12 +49,14 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
         """Writes `state` (a pytree of arrays) and a JSON-able data-iterator state at `step`."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=ocp.args.JsonSave(data_state or {}))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {})
+        )
         self._manager.save(step, args=args, force=True)
 
-    def restore(self, abstract_state: Any, step: int | None = None, *,
-                set_aside: bool = False) -> tuple[Any, dict, int]:
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, set_aside: bool = False
+    ) -> tuple[Any, dict, int]:
         """Restores into the structure, dtypes and shardings of `abstract_state`.
 
         Args:
@@ -67,33 +75,49 @@ class Checkpointer:
         steps = self.all_steps()
         if step is not None:
             if step not in steps:
-                raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                      f"available steps: {steps}")
+                raise CheckpointError(
+                    f"no checkpoint for step {step} in {self.directory}; available steps: {steps}"
+                )
             candidates = [step]
         else:
             candidates = steps[::-1]
         if not candidates:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         errors = []
+        with _quiet_closed_loop_callbacks():
+            return self._restore_first(abstract_state, candidates, errors, set_aside)
+
+    def _restore_first(self, abstract_state, candidates, errors, set_aside):
         for s in candidates:
             try:
-                out = self._manager.restore(s, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+                out = self._manager.restore(
+                    s,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
                 _check_finite(out["state"], s)
-                if set_aside and errors:
-                    self._set_aside(candidates[:candidates.index(s)])
-                return out["state"], dict(out["data"] or {}), s
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable.
                 errors.append(f"step {s}: {type(e).__name__}: {str(e)[:300]}")
-                logging.warning("checkpoint at step %d in %s cannot be restored (%s); %s", s,
-                                self.directory, e.__class__.__name__,
-                                "trying the previous one" if s != candidates[-1] else "none left")
+                logging.warning(
+                    "checkpoint at step %d in %s cannot be restored (%s); %s",
+                    s,
+                    self.directory,
+                    e.__class__.__name__,
+                    "trying the previous one" if s != candidates[-1] else "none left",
+                )
+                continue
+            if set_aside and errors:
+                self._set_aside(candidates[: candidates.index(s)])
+            return out["state"], dict(out["data"] or {}), s
         raise CheckpointError(
-            f"no checkpoint in {self.directory} could be restored:\n  " + "\n  ".join(errors)
+            f"no checkpoint in {self.directory} could be restored:\n  "
+            + "\n  ".join(errors)
             + "\nIf every step fails the same way, the config probably differs from the one "
-              "that wrote them (model shape, diffusion.num_steps, learned_variance): run with "
-              "that config. Otherwise move the damaged step folders away, or use a fresh "
-              "--workdir.")
+            "that wrote them (model shape, diffusion.num_steps, learned_variance): run with "
+            "that config. Otherwise move the damaged step folders away, or use a fresh "
+            "--workdir."
+        )
 
     def _set_aside(self, steps: list[int]) -> None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -102,8 +126,13 @@ class Checkpointer:
                 src = os.path.join(self.directory, str(s))
                 dst = f"{src}.corrupt-{stamp}"
                 os.rename(src, dst)
-                logging.warning("moved the unreadable checkpoint of step %d aside to %s; "
-                                "training will write step %d again", s, dst, s)
+                logging.warning(
+                    "moved the unreadable checkpoint of step %d aside to %s; "
+                    "training will write step %d again",
+                    s,
+                    dst,
+                    s,
+                )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
@@ -116,6 +145,33 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _quiet_closed_loop_callbacks():
+    """Drops the "Event loop is closed" RuntimeErrors that a failed Orbax read leaves behind.
+
+    When a restore fails on damaged files, tensorstore finishes its outstanding reads after
+    Orbax has closed the asyncio loop that awaited them; each late callback raises in a
+    tensorstore thread and Python reports it as an unraisable exception (a traceback on stderr
+    per array, though nothing is wrong: the restore already failed and was reported). Every
+    other unraisable exception still reaches the previous hook.
+    """
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        import gc
+
+        gc.collect()  # late callbacks held by cycles fire now, under the hook
+        sys.unraisablehook = previous
 
 
 def _check_finite(state: Any, step: int) -> None:

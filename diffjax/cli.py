@@ -77,8 +77,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
-        raise BadInput(f"--config: no such file {path!r} (give a config file such as "
-                       f"configs/digits.py, relative to {os.getcwd()} or absolute)")
+        raise BadInput(
+            f"--config: no such file {path!r} (give a config file such as "
+            f"configs/digits.py, relative to {os.getcwd()} or absolute)"
+        )
     if os.path.isdir(path):
         found = sorted(f for f in os.listdir(path) if f.endswith(".py") and f != "__init__.py")
         hint = f"; it holds {', '.join(found)}" if found else ""
@@ -105,8 +107,10 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
         where = f"{path}:{arg}" if arg else path
         raise BadInput(f"--config: {where}: {type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
-        raise BadInput(f"--config: {path}: get_config() returned a {type(config).__name__}, "
-                       f"not an ml_collections.ConfigDict")
+        raise BadInput(
+            f"--config: {path}: get_config() returned a {type(config).__name__}, "
+            f"not an ml_collections.ConfigDict"
+        )
     return config
 
 
@@ -121,8 +125,11 @@ def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
                 raise BadInput(f"--{flag}: {walked} is a value, not a section")
             if key not in node:
                 close = difflib.get_close_matches(key, list(node.keys()), n=1, cutoff=0.5)
-                hint = f"; did you mean {walked}.{close[0]}?" if close else (
-                    f"; {walked} has {', '.join(sorted(node.keys()))}")
+                hint = (
+                    f"; did you mean {walked}.{close[0]}?"
+                    if close
+                    else (f"; {walked} has {', '.join(sorted(node.keys()))}")
+                )
                 raise BadInput(f"--{flag}: {walked} has no field {key!r}{hint}")
             node, walked = node[key], f"{walked}.{key}"
 
@@ -144,8 +151,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         fail(f"{str(e).splitlines()[0]} (see --helpshort)", BAD_INPUT, e)
     except Exception as e:  # noqa: BLE001 - config_flags' own errors while applying overrides
-        fail(f"bad flags: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-             BAD_INPUT, e)
+        fail(
+            f"bad flags: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+            BAD_INPUT,
+            e,
+        )
     return rest
 
 
@@ -162,5 +172,7 @@ def check_writable_dir(path: str, what: str) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".diffjax-write-check-"):
             pass
     except OSError as e:
-        raise BadInput(f"{what} {path} is not writable ({e.strerror or e}); fix its "
-                       f"permissions or choose another path") from None
+        raise BadInput(
+            f"{what} {path} is not writable ({e.strerror or e}); fix its "
+            f"permissions or choose another path"
+        ) from None

@@ -24,7 +24,7 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.n
     for i, img in enumerate(images):
         r, q = divmod(i, ncol)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = img
+        grid[y : y + h, x : x + w] = img
     return grid
 
 

@@ -29,12 +29,18 @@ def mean_flat(x: Array) -> Array:
 
 def normal_kl(mean1: Array, log_var1: Array, mean2: Array, log_var2: Array) -> Array:
     """KL(N(mean1, e^log_var1) || N(mean2, e^log_var2)) elementwise, in nats."""
-    return 0.5 * (log_var2 - log_var1 - 1.0 + jnp.exp(log_var1 - log_var2)
-                  + jnp.square(mean1 - mean2) * jnp.exp(-log_var2))
+    return 0.5 * (
+        log_var2
+        - log_var1
+        - 1.0
+        + jnp.exp(log_var1 - log_var2)
+        + jnp.square(mean1 - mean2) * jnp.exp(-log_var2)
+    )
 
 
-def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array,
-                                        num_bins: int = 256) -> Array:
+def discretized_gaussian_log_likelihood(
+    x: Array, mean: Array, log_scale: Array, num_bins: int = 256
+) -> Array:
     """log P(x) for data on `num_bins` levels in [-1, 1] under a Gaussian (DDPM eq. 13).
 
     Bin k covers x_k ± 1/(num_bins - 1); the first and last bins extend to -∞ and +∞, so the
@@ -46,13 +52,17 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array,
     lower = inv_std * (x - mean - half)
     log_cdf_upper = log_ndtr(upper)
     log_sf_lower = log_ndtr(-lower)
+
     # log(Φ(upper) - Φ(lower)) = log a + log(1 - b/a), taking a, b from the tail the bin is in so
     # it stays accurate far from the mean; b/a ≤ 1 - 1e-12 floors a bin's mass at ~1e-12 · a.
     def log_diff(log_a, log_b):
         return log_a + jnp.log(-jnp.expm1(jnp.minimum(log_b - log_a, -1e-12)))
 
-    mid = jnp.where(lower > 0, log_diff(log_sf_lower, log_ndtr(-upper)),
-                    log_diff(log_cdf_upper, log_ndtr(lower)))
+    mid = jnp.where(
+        lower > 0,
+        log_diff(log_sf_lower, log_ndtr(-upper)),
+        log_diff(log_cdf_upper, log_ndtr(lower)),
+    )
     edge = 1.0 - half
     return jnp.where(x < -edge, log_cdf_upper, jnp.where(x > edge, log_sf_lower, mid))
 
@@ -60,8 +70,17 @@ def discretized_gaussian_log_likelihood(x: Array, mean: Array, log_scale: Array,
 # --- the variational bound ----------------------------------------------------------------------
 
 
-def vlb_term(s: schedules.Schedule, prediction: Array, x0: Array, x_t: Array, t: Array, *,
-             target: str = "eps", variance: str = "beta", v: Array | None = None) -> Array:
+def vlb_term(
+    s: schedules.Schedule,
+    prediction: Array,
+    x0: Array,
+    x_t: Array,
+    t: Array,
+    *,
+    target: str = "eps",
+    variance: str = "beta",
+    v: Array | None = None,
+) -> Array:
     """L_t of the bound in bits/dim [B] (DDPM eq. 5, Improved DDPM eq. 4-6).
 
     For t > 0: KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); for t = 0: the discretized Gaussian
@@ -85,22 +104,39 @@ def prior_bpd(s: schedules.Schedule, x0: Array) -> Array:
     return mean_flat(kl) / math.log(2.0)
 
 
-def bits_per_dim(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Array, *,
-                 target: str = "eps", variance: str = "beta",
-                 learned_variance: bool = False) -> dict[str, Array]:
+def bits_per_dim(
+    s: schedules.Schedule,
+    denoise_fn: DenoiseFn,
+    x0: Array,
+    key: Array,
+    *,
+    target: str = "eps",
+    variance: str = "beta",
+    learned_variance: bool = False,
+) -> dict[str, Array]:
     """The whole bound -log p(x_0) ≤ L_T + Σ_t L_t in bits/dim, with one x_t draw per t.
 
     Costs T network calls on the batch (a `lax.fori_loop` over t). Returns [B] arrays: "total",
     "prior" (L_T), "decoder" (L_0) and "kl" (Σ_{t>0} L_t).
     """
+
     def body(i, acc):
         t = jnp.full(x0.shape[:1], i, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
         x_t = schedules.q_sample(s, x0, t, noise)
-        pred, v = schedules.split_prediction(denoise_fn(x_t, t).astype(jnp.float32),
-                                             learned_variance)
-        term = vlb_term(s, pred, x0, x_t, t, target=target,
-                        variance="learned" if learned_variance else variance, v=v)
+        pred, v = schedules.split_prediction(
+            denoise_fn(x_t, t).astype(jnp.float32), learned_variance
+        )
+        term = vlb_term(
+            s,
+            pred,
+            x0,
+            x_t,
+            t,
+            target=target,
+            variance="learned" if learned_variance else variance,
+            v=v,
+        )
         return acc.at[jnp.minimum(i, 1)].add(term)
 
     acc = jax.lax.fori_loop(0, s.num_steps, body, jnp.zeros((2, x0.shape[0]), jnp.float32))
@@ -111,8 +147,9 @@ def bits_per_dim(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: A
 # --- training losses ----------------------------------------------------------------------------
 
 
-def regression_target(s: schedules.Schedule, x0: Array, t: Array, noise: Array,
-                      target: str) -> Array:
+def regression_target(
+    s: schedules.Schedule, x0: Array, t: Array, noise: Array, target: str
+) -> Array:
     """What the network is trained to predict at (x_0, t, ε): ε, x_0 or v."""
     if target == "eps":
         return noise
@@ -121,7 +158,8 @@ def regression_target(s: schedules.Schedule, x0: Array, t: Array, noise: Array,
     if target == "v":
         return schedules.v_from_x0_eps(s, x0, t, noise)
     raise ValueError(
-        f"unknown prediction target {target!r}; choose one of {schedules.PREDICTION_TARGETS}")
+        f"unknown prediction target {target!r}; choose one of {schedules.PREDICTION_TARGETS}"
+    )
 
 
 def min_snr_weight(s: schedules.Schedule, t: Array, target: str, gamma: float) -> Array:
@@ -144,10 +182,20 @@ def min_snr_weight(s: schedules.Schedule, t: Array, target: str, gamma: float) -
     return jnp.where(snr > 0, weight, 1.0)
 
 
-def training_losses(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, t: Array,
-                    noise: Array, *, target: str = "eps", loss: str = "simple",
-                    learned_variance: bool = False, variance: str = "beta",
-                    vlb_weight: float = 0.001, min_snr_gamma: float = 0.0) -> dict[str, Array]:
+def training_losses(
+    s: schedules.Schedule,
+    denoise_fn: DenoiseFn,
+    x0: Array,
+    t: Array,
+    noise: Array,
+    *,
+    target: str = "eps",
+    loss: str = "simple",
+    learned_variance: bool = False,
+    variance: str = "beta",
+    vlb_weight: float = 0.001,
+    min_snr_gamma: float = 0.0,
+) -> dict[str, Array]:
     """The per-example training loss at given (t, ε), with its parts, each [B].
 
     "simple": L_simple (DDPM eq. 14) on `target`, optionally min-SNR-γ weighted.
@@ -160,21 +208,29 @@ def training_losses(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, t: 
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     x_t = schedules.q_sample(s, x0, t, noise)
-    pred, v = schedules.split_prediction(denoise_fn(x_t, t).astype(jnp.float32),
-                                         learned_variance)
+    pred, v = schedules.split_prediction(denoise_fn(x_t, t).astype(jnp.float32), learned_variance)
     err = pred - regression_target(s, x0, t, noise, target)
     mse = mean_flat(jnp.square(err)) * min_snr_weight(s, t, target, min_snr_gamma)
     if loss == "simple":
         return {"loss": mse, "mse": mse, "vlb": jnp.zeros_like(mse)}
     mean_pred = jax.lax.stop_gradient(pred) if loss == "hybrid" else pred
-    vlb = vlb_term(s, mean_pred, x0, x_t, t, target=target,
-                   variance="learned" if learned_variance else variance, v=v)
+    vlb = vlb_term(
+        s,
+        mean_pred,
+        x0,
+        x_t,
+        t,
+        target=target,
+        variance="learned" if learned_variance else variance,
+        v=v,
+    )
     total = mse + vlb_weight * s.num_steps * vlb if loss == "hybrid" else s.num_steps * vlb
     return {"loss": total, "mse": mse, "vlb": vlb}
 
 
-def simple_loss(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Array,
-                target: str = "eps") -> Array:
+def simple_loss(
+    s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Array, target: str = "eps"
+) -> Array:
     """L_simple (DDPM eq. 14) on the chosen target, t ~ U{0, …, T-1}.
 
     Args:
@@ -190,8 +246,9 @@ def simple_loss(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Ar
     return random_t_losses(s, denoise_fn, x0, key, target=target)["loss"]
 
 
-def random_t_losses(s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Array,
-                    **kwargs) -> dict[str, Array]:
+def random_t_losses(
+    s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Array, **kwargs
+) -> dict[str, Array]:
     """`training_losses` at t ~ U{0, …, T-1} and ε ~ N(0, I) drawn from `key`."""
     t_key, noise_key = jax.random.split(key)
     t = jax.random.randint(t_key, x0.shape[:1], 0, s.num_steps)
@@ -211,12 +268,18 @@ class LossHistory:
 
 
 def init_loss_history(num_steps: int, size: int = 10) -> LossHistory:
-    return LossHistory(values=jnp.zeros((num_steps, size), jnp.float32),
-                       count=jnp.zeros((num_steps,), jnp.int32))
+    return LossHistory(
+        values=jnp.zeros((num_steps, size), jnp.float32), count=jnp.zeros((num_steps,), jnp.int32)
+    )
 
 
-def sample_timesteps(key: Array, batch: int, history: LossHistory, method: str = "uniform",
-                     uniform_prob: float = 0.001) -> tuple[Array, Array]:
+def sample_timesteps(
+    key: Array,
+    batch: int,
+    history: LossHistory,
+    method: str = "uniform",
+    uniform_prob: float = 0.001,
+) -> tuple[Array, Array]:
     """Draws t [B] and the loss weights [B] that keep the estimate of Σ_t L_t unbiased.
 
     "uniform": t ~ U{0, …, T-1}, weights 1. "importance": p_t ∝ √E[L_t²] over the history, mixed

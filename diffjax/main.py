@@ -11,35 +11,51 @@ from ml_collections import config_flags
 from diffjax import checkpoint, cli, data, train
 
 # Errors the user fixes (exit 2), and failures of a run that was set up right (exit 1).
-BAD_INPUT_ERRORS = (cli.BadInput, train.ConfigError, data.DatasetError,
-                    checkpoint.CheckpointError)
+BAD_INPUT_ERRORS = (cli.BadInput, train.ConfigError, data.DatasetError, checkpoint.CheckpointError)
 RUNTIME_ERRORS = (train.NonFiniteLossError,)
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and samples.")
-flags.DEFINE_enum("mode", "train", ["train", "eval", "sample"],
-                  "train: train (resuming from the workdir); eval: test-split loss of a "
-                  "checkpoint; sample: a grid and .npz of samples from a checkpoint.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "eval", "sample"],
+    "train: train (resuming from the workdir); eval: test-split loss of a "
+    "checkpoint; sample: a grid and .npz of samples from a checkpoint.",
+)
 flags.DEFINE_integer("step", None, "Checkpoint step for eval/sample; default the newest.")
 flags.DEFINE_integer("num_samples", None, "Samples to draw in --mode=sample.")
-flags.DEFINE_bool("distributed", False,
-                  "Join a multi-process JAX cluster found from the environment (TPU pod slices, "
-                  "SLURM, Open MPI, GKE): jax.distributed.initialize() with auto-detection.")
-flags.DEFINE_string("coordinator", None,
-                    "host:port of process 0, for an explicit cluster (with --num_processes and "
-                    "--process_id), e.g. several GPU hosts without a cluster manager.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join a multi-process JAX cluster found from the environment (TPU pod slices, "
+    "SLURM, Open MPI, GKE): jax.distributed.initialize() with auto-detection.",
+)
+flags.DEFINE_string(
+    "coordinator",
+    None,
+    "host:port of process 0, for an explicit cluster (with --num_processes and "
+    "--process_id), e.g. several GPU hosts without a cluster manager.",
+)
 flags.DEFINE_integer("num_processes", None, "Processes in the explicit cluster.")
 flags.DEFINE_integer("process_id", None, "This process's index in the explicit cluster.")
-flags.DEFINE_integer("heartbeat_timeout_s", 100,
-                     "A process that has not heard from a peer for this long exits with an "
-                     "error instead of waiting forever.")
-flags.DEFINE_integer("cpu_devices", None,
-                     "CPU devices in this process, the batch split over them: for testing "
-                     "multi-device code, and on a few-core CPU a speed lever (2 devices sample "
-                     "1.1-1.2x faster on 2 cores). Overrides config.mesh.cpu_devices.")
-flags.DEFINE_bool("verbose", False,
-                  f"Full tracebacks on errors, for bug reports (or {cli.VERBOSE_ENV}=1).")
+flags.DEFINE_integer(
+    "heartbeat_timeout_s",
+    100,
+    "A process that has not heard from a peer for this long exits with an "
+    "error instead of waiting forever.",
+)
+flags.DEFINE_integer(
+    "cpu_devices",
+    None,
+    "CPU devices in this process, the batch split over them: for testing "
+    "multi-device code, and on a few-core CPU a speed lever (2 devices sample "
+    "1.1-1.2x faster on 2 cores). Overrides config.mesh.cpu_devices.",
+)
+flags.DEFINE_bool(
+    "verbose", False, f"Full tracebacks on errors, for bug reports (or {cli.VERBOSE_ENV}=1)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -68,35 +84,46 @@ def main(argv):
     except Exception as e:  # a bug or an environment failure: say how to report it
         if cli.verbose():
             raise
-        cli.fail(f"{_one_line(e)} (an unexpected error: rerun with --verbose or "
-                 f"{cli.VERBOSE_ENV}=1 for the traceback)", cli.RUNTIME_FAILURE)
+        cli.fail(
+            f"{_one_line(e)} (an unexpected error: rerun with --verbose or "
+            f"{cli.VERBOSE_ENV}=1 for the traceback)",
+            cli.RUNTIME_FAILURE,
+        )
 
 
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) if str(e) else ""
+    if isinstance(e, cli.BadInput):
+        return text
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _check_flags() -> None:
     """The flags that the config checks cannot see, refused before anything is built."""
-    if FLAGS.mode == "train":
-        if FLAGS.step is not None:
-            raise cli.BadInput("--step picks a checkpoint for --mode=eval/sample; training "
-                               "always resumes from the newest one (drop --step)")
-        if FLAGS.num_samples is not None:
-            raise cli.BadInput("--num_samples is for --mode=sample; the training grids use "
-                               "--config.train.num_samples")
-        cli.check_writable_dir(FLAGS.workdir, "--workdir")
-    elif not os.path.isdir(FLAGS.workdir):
-        what = "a file, not a workdir" if os.path.exists(FLAGS.workdir) else "not there"
-        raise cli.BadInput(f"--workdir {FLAGS.workdir} is {what}: --mode={FLAGS.mode} reads "
-                           f"the checkpoints a --mode=train run wrote there")
     if FLAGS.step is not None and FLAGS.step < 0:
         raise cli.BadInput(f"--step={FLAGS.step}: a checkpoint step is >= 0")
     if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
         raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
     if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
         raise cli.BadInput(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 1 (or leave it out)")
+    if FLAGS.mode == "train":
+        if FLAGS.step is not None:
+            raise cli.BadInput(
+                "--step picks a checkpoint for --mode=eval/sample; training "
+                "always resumes from the newest one (drop --step)"
+            )
+        if FLAGS.num_samples is not None:
+            raise cli.BadInput(
+                "--num_samples is for --mode=sample; the training grids use "
+                "--config.train.num_samples"
+            )
+        cli.check_writable_dir(FLAGS.workdir, "--workdir")
+    elif not os.path.isdir(FLAGS.workdir):
+        what = "a file, not a workdir" if os.path.exists(FLAGS.workdir) else "not there"
+        raise cli.BadInput(
+            f"--workdir {FLAGS.workdir} is {what}: --mode={FLAGS.mode} reads "
+            f"the checkpoints a --mode=train run wrote there"
+        )
 
 
 def _init_distributed(cpu_devices: int) -> None:
@@ -106,17 +133,26 @@ def _init_distributed(cpu_devices: int) -> None:
     explicit = (FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if any(x is not None for x in explicit):
         if any(x is None for x in explicit):
-            raise cli.BadInput("an explicit cluster needs all of --coordinator, "
-                               "--num_processes and --process_id")
-        jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
-                                   heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
+            raise cli.BadInput(
+                "an explicit cluster needs all of --coordinator, --num_processes and --process_id"
+            )
+        jax.distributed.initialize(
+            FLAGS.coordinator,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s,
+        )
     elif FLAGS.distributed:
         jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
     else:
         return
     logging.getLogger("diffjax").info(
-        "process %d of %d: %d local and %d global devices", jax.process_index(),
-        jax.process_count(), jax.local_device_count(), jax.device_count())
+        "process %d of %d: %d local and %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def run() -> None:

@@ -21,7 +21,7 @@ DenoiseFn = Callable[[Array, Array], Array]
 FIXED_VARIANCES = ("beta", "posterior")  # for models without learned variances
 SPACINGS = ("uniform", "trailing", "leading")
 # ᾱ is floored here where a sampler divides by it (a zero-terminal-SNR schedule has ᾱ_T = 0).
-MIN_ALPHA_BAR = 2.0 ** -24
+MIN_ALPHA_BAR = 2.0**-24
 
 
 # --- which timesteps ----------------------------------------------------------------------------
@@ -35,11 +35,13 @@ def timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> np.
     "leading": 0, T/n, … reversed (DDIM, Stable Diffusion): ends at 0, never reaches T-1.
     """
     if not 1 <= steps <= num_train_steps:
-        raise ValueError(f"steps must be in [1, {num_train_steps}] (the schedule's T), "
-                         f"got {steps}")
+        raise ValueError(f"steps must be in [1, {num_train_steps}] (the schedule's T), got {steps}")
     if spacing == "uniform":
-        t = np.round(np.linspace(num_train_steps - 1, 0, steps)) if steps > 1 else [
-            num_train_steps - 1]
+        t = (
+            np.round(np.linspace(num_train_steps - 1, 0, steps))
+            if steps > 1
+            else [num_train_steps - 1]
+        )
     elif spacing == "trailing":
         t = np.round(num_train_steps - np.arange(steps) * (num_train_steps / steps)) - 1
     elif spacing == "leading":
@@ -49,8 +51,9 @@ def timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> np.
     return np.asarray(t, np.int32)
 
 
-def timestep_table(num_train_steps: int, steps: int, spacing: str = "uniform",
-                   max_steps: int | None = None) -> np.ndarray:
+def timestep_table(
+    num_train_steps: int, steps: int, spacing: str = "uniform", max_steps: int | None = None
+) -> np.ndarray:
     """`timesteps` followed by -1 (the clean image), padded with -1 to `max_steps + 1` entries.
 
     The compiled samplers take this table and `steps` as traced arguments.
@@ -102,8 +105,9 @@ def threshold_x0(x0: Array, clip_x0: bool, dynamic_threshold: float) -> Array:
     return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
 
-def predict(denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array,
-            pred: Prediction) -> tuple[Array, Array, Array | None]:
+def predict(
+    denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array, pred: Prediction
+) -> tuple[Array, Array, Array | None]:
     """One network call at timestep t (a scalar): (x̂_0, ε̂, v or None), x̂_0 thresholded.
 
     After thresholding, ε̂ is recomputed from x̂_0, so every update stays on the line through x_t.
@@ -120,8 +124,15 @@ def predict(denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array,
 # --- pure step functions, x_t → x_s between the noise levels ᾱ_t < ᾱ_s ---------------------------
 
 
-def ancestral_step(x: Array, x0: Array, c: dict[str, Array], noise: Array, *,
-                   variance: str = "beta", v: Array | None = None) -> Array:
+def ancestral_step(
+    x: Array,
+    x0: Array,
+    c: dict[str, Array],
+    noise: Array,
+    *,
+    variance: str = "beta",
+    v: Array | None = None,
+) -> Array:
     """x_s ~ p(x_s | x_t) = N(posterior mean given x̂_0, σ²) (DDPM Algorithm 2 via eq. 7).
 
     `c` is the jump's `schedules.transition(s, t, t_s)`: for a sub-sequence of steps its β and β̃
@@ -131,7 +142,8 @@ def ancestral_step(x: Array, x0: Array, c: dict[str, Array], noise: Array, *,
     """
     mean = c["coef_x0"] * x0 + c["coef_xt"] * x
     log_var = schedules.select_log_variance(
-        variance, jnp.log(c["beta"]), jnp.log(jnp.maximum(c["posterior_variance"], 1e-20)), v)
+        variance, jnp.log(c["beta"]), jnp.log(jnp.maximum(c["posterior_variance"], 1e-20)), v
+    )
     noisy = c["one_minus_alpha_bar_s"] > 0.0
     return jnp.where(noisy, mean + jnp.exp(0.5 * log_var) * noise, mean)
 
@@ -141,7 +153,7 @@ def ddim_step(x0: Array, eps: Array, c: dict[str, Array], eta: Array, noise: Arr
     σ = η √((1 - ᾱ_s)/(1 - ᾱ_t)) √(1 - ᾱ_t/ᾱ_s) = η √β̃ of the jump (eq. 16; `c` is
     `schedules.transition(s, t, t_s)`). η = 0 is deterministic."""
     sigma = eta * jnp.sqrt(c["posterior_variance"])
-    direction = jnp.sqrt(jnp.maximum(c["one_minus_alpha_bar_s"] - sigma ** 2, 0.0)) * eps
+    direction = jnp.sqrt(jnp.maximum(c["one_minus_alpha_bar_s"] - sigma**2, 0.0)) * eps
     return c["sqrt_alpha_bar_s"] * x0 + direction + sigma * noise
 
 
@@ -160,8 +172,9 @@ def half_log_snr(ab: Array) -> Array:
     return 0.5 * (jnp.log(ab) - jnp.log1p(-ab))
 
 
-def dpm_solver_pp_2m_data(x0: Array, x0_prev: Array, lam_prev: Array, lam_t: Array,
-                          lam_s: Array) -> Array:
+def dpm_solver_pp_2m_data(
+    x0: Array, x0_prev: Array, lam_prev: Array, lam_t: Array, lam_s: Array
+) -> Array:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): D = (1 + 1/2r) x̂_0 - (1/2r) x̂_0,prev with
     r = h_prev / h; this D goes into `dpm_solver_pp_step` in place of x̂_0."""
     r = (lam_t - lam_prev) / (lam_s - lam_t)
@@ -189,6 +202,7 @@ def _loop(body: Callable, n: Array, init, progress: Callable[[Array], None] | No
         if progress is not None:
             jax.debug.callback(progress, i)
         return carry
+
     return jax.lax.fori_loop(0, n, wrapped, init)
 
 
@@ -196,10 +210,19 @@ def _finish(x: Array, pred: Prediction) -> Array:
     return jnp.clip(x, -1.0, 1.0) if (pred.clip_x0 or pred.dynamic_threshold > 0) else x
 
 
-def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
-                table: Array, num_steps: Array, *, eta: Array = 0.0, variance: str = "beta",
-                pred: Prediction = EPS_CLIPPED,
-                progress: Callable[[Array], None] | None = None) -> Array:
+def ddpm_sample(
+    denoise_fn: DenoiseFn,
+    s: schedules.Schedule,
+    x_T: Array,
+    key: Array,
+    table: Array,
+    num_steps: Array,
+    *,
+    eta: Array = 0.0,
+    variance: str = "beta",
+    pred: Prediction = EPS_CLIPPED,
+    progress: Callable[[Array], None] | None = None,
+) -> Array:
     """The ancestral sampler (DDPM), on the full chain or a respaced sub-sequence.
 
     Args (shared by every sampler in SAMPLERS):
@@ -230,11 +253,21 @@ def ddpm_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: A
     return _finish(_loop(body, num_steps, x_T, progress), pred)
 
 
-def ddim_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
-                table: Array, num_steps: Array, *, eta: Array = 0.0, variance: str = "beta",
-                pred: Prediction = EPS_CLIPPED,
-                progress: Callable[[Array], None] | None = None) -> Array:
+def ddim_sample(
+    denoise_fn: DenoiseFn,
+    s: schedules.Schedule,
+    x_T: Array,
+    key: Array,
+    table: Array,
+    num_steps: Array,
+    *,
+    eta: Array = 0.0,
+    variance: str = "beta",
+    pred: Prediction = EPS_CLIPPED,
+    progress: Callable[[Array], None] | None = None,
+) -> Array:
     """DDIM with η ∈ [0, 1] (η = 0: the deterministic, invertible sampler). See `ddpm_sample`."""
+
     def body(i, x):
         t, t_next, _, _ = _levels(s, table, i)
         x0, eps, _ = predict(denoise_fn, s, x, t, pred)
@@ -244,13 +277,23 @@ def ddim_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: A
     return _finish(_loop(body, num_steps, x_T, progress), pred)
 
 
-def dpm_solver_pp_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
-                         table: Array, num_steps: Array, *, eta: Array = 0.0,
-                         variance: str = "beta", pred: Prediction = EPS_CLIPPED,
-                         progress: Callable[[Array], None] | None = None) -> Array:
+def dpm_solver_pp_sample(
+    denoise_fn: DenoiseFn,
+    s: schedules.Schedule,
+    x_T: Array,
+    key: Array,
+    table: Array,
+    num_steps: Array,
+    *,
+    eta: Array = 0.0,
+    variance: str = "beta",
+    pred: Prediction = EPS_CLIPPED,
+    progress: Callable[[Array], None] | None = None,
+) -> Array:
     """DPM-Solver++(2M): second-order multistep on data predictions; first order on the first
     step (no history yet) and on the last (the jump to σ = 0, where r = 0). Deterministic; one
     network call per step. See `ddpm_sample` for the arguments."""
+
     def body(i, carry):
         x, x0_prev, ab_prev = carry
         t, t_next, ab_t, ab_s = _levels(s, table, i)
@@ -267,13 +310,23 @@ def dpm_solver_pp_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Arra
     return _finish(x, pred)
 
 
-def heun_sample(denoise_fn: DenoiseFn, s: schedules.Schedule, x_T: Array, key: Array,
-                table: Array, num_steps: Array, *, eta: Array = 0.0, variance: str = "beta",
-                pred: Prediction = EPS_CLIPPED,
-                progress: Callable[[Array], None] | None = None) -> Array:
+def heun_sample(
+    denoise_fn: DenoiseFn,
+    s: schedules.Schedule,
+    x_T: Array,
+    key: Array,
+    table: Array,
+    num_steps: Array,
+    *,
+    eta: Array = 0.0,
+    variance: str = "beta",
+    pred: Prediction = EPS_CLIPPED,
+    progress: Callable[[Array], None] | None = None,
+) -> Array:
     """Heun's 2nd-order method on the probability-flow ODE dy/dσ = ε̂ (Karras et al. 2022,
     Algorithm 1 without churn), y = x/√ᾱ, σ = √((1-ᾱ)/ᾱ). The last step (to σ = 0) is an Euler
     step, so n steps cost 2n - 1 network calls. See `ddpm_sample` for the arguments."""
+
     def body(i, x):
         t, t_next, ab_t, ab_s = _levels(s, table, i)
         _, eps_t, _ = predict(denoise_fn, s, x, t, pred)
@@ -305,9 +358,16 @@ def network_calls(sampler: str, steps: int) -> int:
     return 2 * steps - 1 if sampler == "heun" else steps
 
 
-def ddim_invert(denoise_fn: DenoiseFn, s: schedules.Schedule, x0: Array, table: Array,
-                num_steps: Array, *, pred: Prediction = EPS_UNCLIPPED,
-                progress: Callable[[Array], None] | None = None) -> Array:
+def ddim_invert(
+    denoise_fn: DenoiseFn,
+    s: schedules.Schedule,
+    x0: Array,
+    table: Array,
+    num_steps: Array,
+    *,
+    pred: Prediction = EPS_UNCLIPPED,
+    progress: Callable[[Array], None] | None = None,
+) -> Array:
     """DDIM inversion, image → noise: the η = 0 update run upwards through the same table.
 
     Each step x_a → x_b (ᾱ_b < ᾱ_a) evaluates the network at the target timestep b on x_a and
@@ -325,8 +385,9 @@ def ddim_invert(denoise_fn: DenoiseFn, s: schedules.Schedule, x0: Array, table: 
         ab_a, ab_b = _alpha_bar(s, a), _alpha_bar(s, b)
         _, eps, _ = predict(denoise_fn, s, x, b, raw)
         # x̂_0 at x's own level a (the network saw level b), then thresholded as `predict` would.
-        x0_hat = threshold_x0((x - jnp.sqrt(1.0 - ab_a) * eps) / jnp.sqrt(ab_a), pred.clip_x0,
-                              pred.dynamic_threshold)
+        x0_hat = threshold_x0(
+            (x - jnp.sqrt(1.0 - ab_a) * eps) / jnp.sqrt(ab_a), pred.clip_x0, pred.dynamic_threshold
+        )
         return jnp.sqrt(ab_b) * x0_hat + jnp.sqrt(1.0 - ab_b) * eps
 
     return _loop(body, num_steps, x0, progress)

@@ -27,8 +27,9 @@ def linear_betas(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.0
     return np.minimum(betas, 0.999)
 
 
-def _betas_from_alpha_bar(alpha_bar: Callable[[np.ndarray], np.ndarray], num_steps: int,
-                          max_beta: float) -> np.ndarray:
+def _betas_from_alpha_bar(
+    alpha_bar: Callable[[np.ndarray], np.ndarray], num_steps: int, max_beta: float
+) -> np.ndarray:
     # β_t = 1 - ᾱ(t/T) / ᾱ((t-1)/T), clipped to avoid a singularity at t = T (Improved DDPM eq. 17).
     t = np.arange(num_steps + 1, dtype=np.float64) / num_steps
     a = alpha_bar(t)
@@ -41,14 +42,16 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> n
     return _betas_from_alpha_bar(lambda u: f(u) / f(0.0), num_steps, max_beta)
 
 
-def scaled_linear_betas(num_steps: int, beta_start: float = 0.00085,
-                        beta_end: float = 0.012) -> np.ndarray:
+def scaled_linear_betas(
+    num_steps: int, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> np.ndarray:
     """Latent diffusion (Rombach et al. 2022): √β linear between √0.00085 and √0.012."""
-    return np.linspace(beta_start ** 0.5, beta_end ** 0.5, num_steps, dtype=np.float64) ** 2
+    return np.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=np.float64) ** 2
 
 
-def sigmoid_betas(num_steps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
-                  max_beta: float = 0.999) -> np.ndarray:
+def sigmoid_betas(
+    num_steps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+) -> np.ndarray:
     """Sigmoid ᾱ schedule (Chen 2023, "On the importance of noise scheduling", Algorithm 1)."""
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
     v_start, v_end = sig(start / tau), sig(end / tau)
@@ -146,8 +149,14 @@ def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
     return Schedule(**{k: jnp.asarray(v, dtype=dtype) for k, v in fields.items()})
 
 
-def make_schedule(name: str, num_steps: int = 1000, dtype=jnp.float32, *,
-                  zero_terminal_snr: bool = False, **kwargs) -> Schedule:
+def make_schedule(
+    name: str,
+    num_steps: int = 1000,
+    dtype=jnp.float32,
+    *,
+    zero_terminal_snr: bool = False,
+    **kwargs,
+) -> Schedule:
     """Builds a named schedule ("linear", "cosine", "scaled_linear", "sigmoid").
 
     With `zero_terminal_snr`, the β's are rescaled so that ᾱ_T = 0 (`rescale_zero_terminal_snr`).
@@ -177,53 +186,69 @@ def q_mean_variance(s: Schedule, x0: Array, t: Array) -> tuple[Array, Array]:
 
 def q_sample(s: Schedule, x0: Array, t: Array, noise: Array) -> Array:
     """Draws x_t ~ q(x_t | x_0) in closed form: √ᾱ_t x_0 + √(1 - ᾱ_t) ε (DDPM eq. 4)."""
-    return (extract(s.sqrt_alpha_bar, t, x0.ndim) * x0
-            + extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise)
+    return (
+        extract(s.sqrt_alpha_bar, t, x0.ndim) * x0
+        + extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * noise
+    )
 
 
 def q_posterior(s: Schedule, x0: Array, x_t: Array, t: Array) -> tuple[Array, Array, Array]:
     """q(x_{t-1} | x_t, x_0), DDPM eqs. 6-7. Returns (mean, variance, clipped log-variance)."""
-    mean = (extract(s.posterior_mean_coef_x0, t, x_t.ndim) * x0
-            + extract(s.posterior_mean_coef_xt, t, x_t.ndim) * x_t)
-    return (mean, extract(s.posterior_variance, t, x_t.ndim),
-            extract(s.posterior_log_variance_clipped, t, x_t.ndim))
+    mean = (
+        extract(s.posterior_mean_coef_x0, t, x_t.ndim) * x0
+        + extract(s.posterior_mean_coef_xt, t, x_t.ndim) * x_t
+    )
+    return (
+        mean,
+        extract(s.posterior_variance, t, x_t.ndim),
+        extract(s.posterior_log_variance_clipped, t, x_t.ndim),
+    )
 
 
 def x0_from_eps(s: Schedule, x_t: Array, t: Array, eps: Array) -> Array:
     """x_0 = (x_t - √(1 - ᾱ_t) ε) / √ᾱ_t, inverting DDPM eq. 4."""
     return (x_t - extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * eps) / extract(
-        s.sqrt_alpha_bar, t, x_t.ndim)
+        s.sqrt_alpha_bar, t, x_t.ndim
+    )
 
 
 def eps_from_x0(s: Schedule, x_t: Array, t: Array, x0: Array) -> Array:
     """ε = (x_t - √ᾱ_t x_0) / √(1 - ᾱ_t)."""
     return (x_t - extract(s.sqrt_alpha_bar, t, x_t.ndim) * x0) / extract(
-        s.sqrt_one_minus_alpha_bar, t, x_t.ndim)
+        s.sqrt_one_minus_alpha_bar, t, x_t.ndim
+    )
 
 
 def v_from_x0_eps(s: Schedule, x0: Array, t: Array, eps: Array) -> Array:
     """v = √ᾱ_t ε - √(1 - ᾱ_t) x_0 (Salimans & Ho 2022, §4)."""
-    return (extract(s.sqrt_alpha_bar, t, x0.ndim) * eps
-            - extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0)
+    return (
+        extract(s.sqrt_alpha_bar, t, x0.ndim) * eps
+        - extract(s.sqrt_one_minus_alpha_bar, t, x0.ndim) * x0
+    )
 
 
 def x0_from_v(s: Schedule, x_t: Array, t: Array, v: Array) -> Array:
     """x_0 = √ᾱ_t x_t - √(1 - ᾱ_t) v (Salimans & Ho 2022, §4; uses ᾱ + (1 - ᾱ) = 1)."""
-    return (extract(s.sqrt_alpha_bar, t, x_t.ndim) * x_t
-            - extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v)
+    return (
+        extract(s.sqrt_alpha_bar, t, x_t.ndim) * x_t
+        - extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * v
+    )
 
 
 def eps_from_v(s: Schedule, x_t: Array, t: Array, v: Array) -> Array:
     """ε = √(1 - ᾱ_t) x_t + √ᾱ_t v."""
-    return (extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * x_t
-            + extract(s.sqrt_alpha_bar, t, x_t.ndim) * v)
+    return (
+        extract(s.sqrt_one_minus_alpha_bar, t, x_t.ndim) * x_t
+        + extract(s.sqrt_alpha_bar, t, x_t.ndim) * v
+    )
 
 
 PREDICTION_TARGETS = ("eps", "x0", "v")
 
 
-def to_x0_eps(s: Schedule, x_t: Array, t: Array, prediction: Array,
-              target: str) -> tuple[Array, Array]:
+def to_x0_eps(
+    s: Schedule, x_t: Array, t: Array, prediction: Array, target: str
+) -> tuple[Array, Array]:
     """Converts a network prediction of `target` ("eps", "x0" or "v") into (x_0, ε)."""
     if target == "eps":
         return x0_from_eps(s, x_t, t, prediction), prediction
@@ -243,8 +268,10 @@ def log_alpha_bar_at(s: Schedule, t: Array) -> tuple[Array, Array]:
     """log ᾱ_t as the pair (hi, lo) at timesteps t (any shape); t = -1 is the clean image, 0."""
     inside = t >= 0
     index = jnp.maximum(t, 0)
-    return (jnp.where(inside, s.log_alpha_bar[index], 0.0),
-            jnp.where(inside, s.log_alpha_bar_lo[index], 0.0))
+    return (
+        jnp.where(inside, s.log_alpha_bar[index], 0.0),
+        jnp.where(inside, s.log_alpha_bar_lo[index], 0.0),
+    )
 
 
 def transition(s: Schedule, t: Array, t_s: Array) -> dict[str, Array]:
@@ -284,8 +311,9 @@ def interpolate_log_variance(v: Array, log_beta_tilde: Array, log_beta: Array) -
     return u * log_beta + (1.0 - u) * log_beta_tilde
 
 
-def select_log_variance(variance: str, log_beta: Array, log_beta_tilde: Array,
-                        v: Array | None = None) -> Array:
+def select_log_variance(
+    variance: str, log_beta: Array, log_beta_tilde: Array, v: Array | None = None
+) -> Array:
     """log σ² of a reverse step: β ("beta"), β̃ ("posterior"), or between them by v ("learned")."""
     if variance == "beta":
         return log_beta
@@ -298,8 +326,9 @@ def select_log_variance(variance: str, log_beta: Array, log_beta_tilde: Array,
     raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
 
 
-def model_log_variance(s: Schedule, t: Array, ndim: int, variance: str,
-                       v: Array | None = None) -> Array:
+def model_log_variance(
+    s: Schedule, t: Array, ndim: int, variance: str, v: Array | None = None
+) -> Array:
     """log σ_t² of the model's p(x_{t-1} | x_t) (DDPM §3.2, Improved DDPM §3.1).
 
     "beta": σ_t² = β_t (optimal for x_0 ~ N(0, I)); its first entry is replaced by β̃ of the second
@@ -308,10 +337,17 @@ def model_log_variance(s: Schedule, t: Array, ndim: int, variance: str,
     "learned": interpolated between the two by the network's extra output `v` [B, H, W, C].
     """
     # Fixed β: the first entry replaced (see above); learned: between the true β_t and β̃_t.
-    betas = s.betas if variance == "learned" else jnp.concatenate(
-        [s.posterior_variance[1:2], s.betas[1:]])
-    return select_log_variance(variance, extract(jnp.log(betas), t, ndim),
-                               extract(s.posterior_log_variance_clipped, t, ndim), v)
+    betas = (
+        s.betas
+        if variance == "learned"
+        else jnp.concatenate([s.posterior_variance[1:2], s.betas[1:]])
+    )
+    return select_log_variance(
+        variance,
+        extract(jnp.log(betas), t, ndim),
+        extract(s.posterior_log_variance_clipped, t, ndim),
+        v,
+    )
 
 
 def split_prediction(prediction: Array, learned_variance: bool) -> tuple[Array, Array | None]:

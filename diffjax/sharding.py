@@ -14,7 +14,7 @@ FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # the batch is split over both axes
 # Tensors smaller than this (16 KiB in float32) stay replicated under FSDP: biases, norms and the
 # like cost more in collectives than they save in memory.
-MIN_FSDP_SIZE = 2 ** 12
+MIN_FSDP_SIZE = 2**12
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mesh:
@@ -28,9 +28,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: list | None = None) -> Mes
         raise ValueError(f"mesh.fsdp: {fsdp} must be >= 1 and divide the {len(devices)} devices")
     n_data = len(devices) // fsdp if data == -1 else data
     if n_data < 1 or n_data * fsdp > len(devices):
-        raise ValueError(f"mesh.data: {data} must be -1 (all devices) or between 1 and "
-                         f"{len(devices) // fsdp} ({len(devices)} devices / mesh.fsdp={fsdp})")
-    grid = np.asarray(devices[:n_data * fsdp], dtype=object).reshape(n_data, fsdp)
+        raise ValueError(
+            f"mesh.data: {data} must be -1 (all devices) or between 1 and "
+            f"{len(devices) // fsdp} ({len(devices)} devices / mesh.fsdp={fsdp})"
+        )
+    grid = np.asarray(devices[: n_data * fsdp], dtype=object).reshape(n_data, fsdp)
     return Mesh(grid, (DATA_AXIS, FSDP_AXIS))
 
 

@@ -29,22 +29,37 @@ class TrainState:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def learning_rate(lr: float, warmup_steps: int, schedule: str = "constant",
-                  decay_steps: int = 0, final_lr_ratio: float = 0.0) -> optax.Schedule:
+def learning_rate(
+    lr: float,
+    warmup_steps: int,
+    schedule: str = "constant",
+    decay_steps: int = 0,
+    final_lr_ratio: float = 0.0,
+) -> optax.Schedule:
     """Linear warm-up from 0 to `lr`, then constant (DDPM) or a cosine decay that reaches
     `final_lr_ratio · lr` at step `decay_steps` (the run's last step) and stays there."""
     warmup = max(1, warmup_steps)
     if schedule == "constant":
         return optax.linear_schedule(0.0, lr, warmup)
     if schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(decay_steps, warmup + 1),
-                                                  end_value=final_lr_ratio * lr)
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, warmup, max(decay_steps, warmup + 1), end_value=final_lr_ratio * lr
+        )
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {LR_SCHEDULES}")
 
 
-def make_optimizer(lr: float, warmup_steps: int, weight_decay: float, b1: float, b2: float,
-                   grad_clip: float, *, schedule: str = "constant", decay_steps: int = 0,
-                   final_lr_ratio: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+    lr: float,
+    warmup_steps: int,
+    weight_decay: float,
+    b1: float,
+    b2: float,
+    grad_clip: float,
+    *,
+    schedule: str = "constant",
+    decay_steps: int = 0,
+    final_lr_ratio: float = 0.0,
+) -> optax.GradientTransformation:
     """AdamW on `learning_rate(...)`, after global-norm gradient clipping (0 = no clipping)."""
     rate = learning_rate(lr, warmup_steps, schedule, decay_steps, final_lr_ratio)
     parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
@@ -52,12 +67,19 @@ def make_optimizer(lr: float, warmup_steps: int, weight_decay: float, b1: float,
     return optax.chain(*parts)
 
 
-def make_denoise_fn(model: UNet, params: Any, label: Array | None = None, *, train: bool = False,
-                    dropout_key: Array | None = None) -> Callable[[Array, Array], Array]:
+def make_denoise_fn(
+    model: UNet,
+    params: Any,
+    label: Array | None = None,
+    *,
+    train: bool = False,
+    dropout_key: Array | None = None,
+) -> Callable[[Array, Array], Array]:
     """The one callable where the network meets the math: (x_t, t) -> prediction."""
     rngs = {"dropout": dropout_key} if train else None
-    return lambda x_t, t: model.apply({"params": params}, x_t, t, label=label, train=train,
-                                      rngs=rngs)
+    return lambda x_t, t: model.apply(
+        {"params": params}, x_t, t, label=label, train=train, rngs=rngs
+    )
 
 
 def _label(model: UNet, batch: dict) -> Array | None:
@@ -71,35 +93,57 @@ def _dummy_inputs(model: UNet, image_shape: tuple[int, ...]):
     return x, jnp.zeros((1,), jnp.int32), label
 
 
-def make_init_fn(model: UNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...],
-                 num_timesteps: int) -> Callable[[Array], TrainState]:
+def make_init_fn(
+    model: UNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...], num_timesteps: int
+) -> Callable[[Array], TrainState]:
     def init(key):
         x, t, label = _dummy_inputs(model, image_shape)
         params = model.init(key, x, t, label=label)["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), ema_params=params,
-                          loss_history=losses.init_loss_history(num_timesteps))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            ema_params=params,
+            loss_history=losses.init_loss_history(num_timesteps),
+        )
+
     return init
 
 
-def abstract_train_state(model: UNet, tx: optax.GradientTransformation,
-                         image_shape: tuple[int, ...], mesh: jax.sharding.Mesh, *,
-                         num_timesteps: int) -> TrainState:
+def abstract_train_state(
+    model: UNet,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, ...],
+    mesh: jax.sharding.Mesh,
+    *,
+    num_timesteps: int,
+) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
-    abstract = jax.eval_shape(make_init_fn(model, tx, image_shape, num_timesteps),
-                              jax.random.key(0))
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, sharding.state_sharding(abstract, mesh))
+    abstract = jax.eval_shape(
+        make_init_fn(model, tx, image_shape, num_timesteps), jax.random.key(0)
+    )
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract,
+        sharding.state_sharding(abstract, mesh),
+    )
 
 
-def create_train_state(model: UNet, tx: optax.GradientTransformation,
-                       image_shape: tuple[int, ...], key: Array, mesh: jax.sharding.Mesh, *,
-                       num_timesteps: int) -> TrainState:
+def create_train_state(
+    model: UNet,
+    tx: optax.GradientTransformation,
+    image_shape: tuple[int, ...],
+    key: Array,
+    mesh: jax.sharding.Mesh,
+    *,
+    num_timesteps: int,
+) -> TrainState:
     """Initialises the state under jit, so every leaf is a global array with its sharding."""
     abstract = abstract_train_state(model, tx, image_shape, mesh, num_timesteps=num_timesteps)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return jax.jit(make_init_fn(model, tx, image_shape, num_timesteps),
-                   out_shardings=shardings)(key)
+    return jax.jit(make_init_fn(model, tx, image_shape, num_timesteps), out_shardings=shardings)(
+        key
+    )
 
 
 def ema_decay_at(step: Array, decay: float) -> Array:
@@ -125,10 +169,19 @@ def compiler_options() -> dict | None:
     return {"xla_cpu_experimental_ynn_fusion_type": value}
 
 
-def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, abstract_state: TrainState, *, target: str = "eps",
-                    ema_decay: float = 0.9999, t_sampling: str = "uniform",
-                    grad_accum_steps: int = 1, **loss_kwargs):
+def make_train_step(
+    model: UNet,
+    schedule: schedules.Schedule,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    abstract_state: TrainState,
+    *,
+    target: str = "eps",
+    ema_decay: float = 0.9999,
+    t_sampling: str = "uniform",
+    grad_accum_steps: int = 1,
+    **loss_kwargs,
+):
     """Builds the compiled step `(state, batch, key) -> (state, metrics)`.
 
     The batch is split over every device of the mesh, the state is laid out by
@@ -145,9 +198,11 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
     def grads_of(params, x0, t, noise, weights, label, dropout_key):
         def loss_fn(params):
             denoise = make_denoise_fn(model, params, label, train=True, dropout_key=dropout_key)
-            terms = losses.training_losses(schedule, denoise, x0, t, noise, target=target,
-                                           **loss_kwargs)
+            terms = losses.training_losses(
+                schedule, denoise, x0, t, noise, target=target, **loss_kwargs
+            )
             return jnp.mean(weights * terms["loss"]), terms
+
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
     def accumulate(params, inputs, dropout_key):
@@ -155,8 +210,8 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
         # Microbatch i takes every k-th example, so each microbatch stays spread over all devices.
         split = lambda a: jax.lax.with_sharding_constraint(
             jnp.swapaxes(a.reshape(a.shape[0] // k, k, *a.shape[1:]), 0, 1),
-            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-                None, sharding.BATCH_AXES)))
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)),
+        )
         micro = jax.tree.map(split, inputs)
 
         def body(acc, xs):
@@ -179,14 +234,15 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
         label, x0 = _label(model, batch), batch["image"]
         t, weights = losses.sample_timesteps(t_key, x0.shape[0], state.loss_history, t_sampling)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
-        t, weights, noise = (jax.lax.with_sharding_constraint(a, batch_sh)
-                             for a in (t, weights, noise))
+        t, weights, noise = (
+            jax.lax.with_sharding_constraint(a, batch_sh) for a in (t, weights, noise)
+        )
         if grad_accum_steps > 1:
-            (loss, terms), grads = accumulate(state.params, (x0, t, noise, weights, label),
-                                              dropout_key)
+            (loss, terms), grads = accumulate(
+                state.params, (x0, t, noise, weights, label), dropout_key
+            )
         else:
-            (loss, terms), grads = grads_of(state.params, x0, t, noise, weights, label,
-                                            dropout_key)
+            (loss, terms), grads = grads_of(state.params, x0, t, noise, weights, label, dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         d = ema_decay_at(state.step, ema_decay)
@@ -195,13 +251,22 @@ def make_train_step(model: UNet, schedule: schedules.Schedule, tx: optax.Gradien
         if t_sampling == "importance":  # the only reader of the history
             history = losses.update_loss_history(history, t, terms["vlb"])
         new_state = TrainState(state.step + 1, params, opt_state, ema, history)
-        return new_state, {"loss": loss, "mse": jnp.mean(terms["mse"]),
-                           "vlb": jnp.mean(terms["vlb"]), "grad_norm": optax.global_norm(grads)}
+        return new_state, {
+            "loss": loss,
+            "mse": jnp.mean(terms["mse"]),
+            "vlb": jnp.mean(terms["vlb"]),
+            "grad_norm": optax.global_norm(grads),
+        }
 
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
     rep = sharding.replicated(mesh)
-    return jax.jit(step, in_shardings=(state_sh, batch_sh, rep), out_shardings=(state_sh, rep),
-                   donate_argnums=0, compiler_options=compiler_options())
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, batch_sh, rep),
+        out_shardings=(state_sh, rep),
+        donate_argnums=0,
+        compiler_options=compiler_options(),
+    )
 
 
 def _params_sharding(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -210,41 +275,78 @@ def _params_sharding(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
     return sharding.replicated(mesh) if params_sharding is None else params_sharding
 
 
-def make_eval_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                   target: str = "eps", params_sharding: Any = None, **loss_kwargs):
+def make_eval_step(
+    model: UNet,
+    schedule: schedules.Schedule,
+    mesh: jax.sharding.Mesh,
+    *,
+    target: str = "eps",
+    params_sharding: Any = None,
+    **loss_kwargs,
+):
     """Compiled `(params, batch, key) -> per-example training loss [B]`, t uniform, batch split
     over the mesh. `loss_kwargs` as in `make_train_step`."""
+
     def step(params, batch, key):
         denoise = make_denoise_fn(model, params, _label(model, batch))
-        return losses.random_t_losses(schedule, denoise, batch["image"], key, target=target,
-                                      **loss_kwargs)["loss"]
+        return losses.random_t_losses(
+            schedule, denoise, batch["image"], key, target=target, **loss_kwargs
+        )["loss"]
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
-                   out_shardings=batch_sh,
-                   compiler_options=compiler_options())
+    return jax.jit(
+        step,
+        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
+        out_shardings=batch_sh,
+        compiler_options=compiler_options(),
+    )
 
 
-def make_bpd_step(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                  target: str = "eps", variance: str = "beta", learned_variance: bool = False,
-                  params_sharding: Any = None):
+def make_bpd_step(
+    model: UNet,
+    schedule: schedules.Schedule,
+    mesh: jax.sharding.Mesh,
+    *,
+    target: str = "eps",
+    variance: str = "beta",
+    learned_variance: bool = False,
+    params_sharding: Any = None,
+):
     """Compiled `(params, batch, key) -> {"total", "prior", "decoder", "kl"}`, each [B] bits/dim:
     the whole variational bound, T network calls per batch (`losses.bits_per_dim`)."""
+
     def step(params, batch, key):
-        return losses.bits_per_dim(schedule, make_denoise_fn(model, params, _label(model, batch)),
-                                   batch["image"], key, target=target, variance=variance,
-                                   learned_variance=learned_variance)
+        return losses.bits_per_dim(
+            schedule,
+            make_denoise_fn(model, params, _label(model, batch)),
+            batch["image"],
+            key,
+            target=target,
+            variance=variance,
+            learned_variance=learned_variance,
+        )
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
-                   out_shardings=batch_sh,
-                   compiler_options=compiler_options())
+    return jax.jit(
+        step,
+        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
+        out_shardings=batch_sh,
+        compiler_options=compiler_options(),
+    )
 
 
-def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh,
-                   shape: tuple[int, ...], *, sampler: str = "ddpm",
-                   pred: samplers.Prediction = samplers.EPS_CLIPPED, variance: str = "beta",
-                   progress: Callable[[Array], None] | None = None, params_sharding: Any = None):
+def make_sample_fn(
+    model: UNet,
+    schedule: schedules.Schedule,
+    mesh: jax.sharding.Mesh,
+    shape: tuple[int, ...],
+    *,
+    sampler: str = "ddpm",
+    pred: samplers.Prediction = samplers.EPS_CLIPPED,
+    variance: str = "beta",
+    progress: Callable[[Array], None] | None = None,
+    params_sharding: Any = None,
+):
     """Compiled `(params, key, table, num_steps, eta) -> samples [B, H, W, C]`.
 
     The whole chain runs in one program with the batch split over devices. `table` and
@@ -252,32 +354,58 @@ def make_sample_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding
     serves every step count up to the table's size. Labels for class-conditional models are
     drawn uniformly from `key`.
     """
+
     def sample(params, key, table, num_steps, eta):
         noise_key, label_key, loop_key = jax.random.split(key, 3)
         x_T = jax.random.normal(noise_key, shape, jnp.float32)
         x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharded(mesh))
-        label = (jax.random.randint(label_key, shape[:1], 0, model.num_classes)
-                 if model.num_classes else None)
+        label = (
+            jax.random.randint(label_key, shape[:1], 0, model.num_classes)
+            if model.num_classes
+            else None
+        )
         return samplers.SAMPLERS[sampler](
-            make_denoise_fn(model, params, label), schedule, x_T, loop_key, table, num_steps,
-            eta=eta, variance=variance, pred=pred, progress=progress)
+            make_denoise_fn(model, params, label),
+            schedule,
+            x_T,
+            loop_key,
+            table,
+            num_steps,
+            eta=eta,
+            variance=variance,
+            pred=pred,
+            progress=progress,
+        )
 
     rep = sharding.replicated(mesh)
-    return jax.jit(sample, in_shardings=(_params_sharding(params_sharding, mesh),) + (rep,) * 4,
-                   out_shardings=sharding.batch_sharded(mesh),
-                   compiler_options=compiler_options())
+    return jax.jit(
+        sample,
+        in_shardings=(_params_sharding(params_sharding, mesh),) + (rep,) * 4,
+        out_shardings=sharding.batch_sharded(mesh),
+        compiler_options=compiler_options(),
+    )
 
 
-def make_invert_fn(model: UNet, schedule: schedules.Schedule, mesh: jax.sharding.Mesh, *,
-                   pred: samplers.Prediction = samplers.EPS_UNCLIPPED,
-                   params_sharding: Any = None):
+def make_invert_fn(
+    model: UNet,
+    schedule: schedules.Schedule,
+    mesh: jax.sharding.Mesh,
+    *,
+    pred: samplers.Prediction = samplers.EPS_UNCLIPPED,
+    params_sharding: Any = None,
+):
     """Compiled DDIM inversion `(params, images, table, num_steps, label) -> latents`, the
     batch split over devices (`samplers.ddim_invert`); `label` is None for unconditional models."""
+
     def invert(params, images, table, num_steps, label):
-        return samplers.ddim_invert(make_denoise_fn(model, params, label), schedule, images,
-                                    table, num_steps, pred=pred)
+        return samplers.ddim_invert(
+            make_denoise_fn(model, params, label), schedule, images, table, num_steps, pred=pred
+        )
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(invert, in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep,
-                                         rep, batch_sh),
-                   out_shardings=batch_sh, compiler_options=compiler_options())
+    return jax.jit(
+        invert,
+        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep, rep, batch_sh),
+        out_shardings=batch_sh,
+        compiler_options=compiler_options(),
+    )

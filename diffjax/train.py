@@ -50,6 +50,7 @@ class ConfigError(ValueError):
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Rejects a bad configuration before anything is built or compiled, naming the field."""
+
     def fail(field, msg):
         raise ConfigError(f"config.{field}: {msg}")
 
@@ -59,8 +60,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("model.channel_mults", "needs at least one level")
     factor = 2 ** (levels - 1)
     if d.image_size < 1 or d.image_size % factor:
-        fail("data.image_size", f"{d.image_size} must be a positive multiple of 2^(levels-1) = "
-             f"{factor} for {levels} levels (model.channel_mults={tuple(m.channel_mults)})")
+        fail(
+            "data.image_size",
+            f"{d.image_size} must be a positive multiple of 2^(levels-1) = "
+            f"{factor} for {levels} levels (model.channel_mults={tuple(m.channel_mults)})",
+        )
     if d.channels not in (1, 3):
         fail("data.channels", f"must be 1 or 3, got {d.channels}")
     if d.name == "image_folder" and not d.folder:
@@ -70,105 +74,148 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             fail("model.num_groups", f"{m.num_groups} does not divide {ch} channels")
         if m.head_dim and ch % m.head_dim:
             fail("model.head_dim", f"{m.head_dim} does not divide {ch} channels")
-    sizes = {d.image_size // 2 ** i for i in range(levels)}
+    sizes = {d.image_size // 2**i for i in range(levels)}
     if set(m.attention_resolutions) - sizes:
-        fail("model.attention_resolutions", f"{tuple(m.attention_resolutions)} names sizes the "
-             f"network never has; its sizes are {sorted(sizes, reverse=True)}")
+        fail(
+            "model.attention_resolutions",
+            f"{tuple(m.attention_resolutions)} names sizes the "
+            f"network never has; its sizes are {sorted(sizes, reverse=True)}",
+        )
     if not 0.0 <= m.dropout < 1.0:
         fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         fail("model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
     if config.diffusion.schedule not in schedules.SCHEDULES:
-        fail("diffusion.schedule", f"unknown {config.diffusion.schedule!r}; choose one of "
-             f"{sorted(schedules.SCHEDULES)}")
+        fail(
+            "diffusion.schedule",
+            f"unknown {config.diffusion.schedule!r}; choose one of {sorted(schedules.SCHEDULES)}",
+        )
     if config.diffusion.num_steps < 2:
         fail("diffusion.num_steps", "must be at least 2")
     _check_diffusion(config.diffusion, fail)
     _check_sampler(config.sampler, config.diffusion.num_steps, fail)
     n_dev = _mesh_size(config)
-    for field, value in (("train.batch_size", tr.batch_size),
-                         ("train.eval_batch_size", tr.eval_batch_size),
-                         ("sampler.batch_size", config.sampler.batch_size)):
+    for field, value in (
+        ("train.batch_size", tr.batch_size),
+        ("train.eval_batch_size", tr.eval_batch_size),
+        ("sampler.batch_size", config.sampler.batch_size),
+    ):
         if value < 1 or value % n_dev:
             fail(field, f"{value} must be a positive multiple of the {n_dev} devices of the mesh")
     if tr.batch_size % jax.process_count():
         fail("train.batch_size", f"must divide over {jax.process_count()} processes")
     k = tr.grad_accum_steps
     if k < 1 or tr.batch_size % (k * n_dev):
-        fail("train.grad_accum_steps", f"{k} microbatches must split train.batch_size="
-             f"{tr.batch_size} evenly on each of the {n_dev} devices (batch % (k·devices) == 0)")
+        fail(
+            "train.grad_accum_steps",
+            f"{k} microbatches must split train.batch_size="
+            f"{tr.batch_size} evenly on each of the {n_dev} devices (batch % (k·devices) == 0)",
+        )
     if tr.num_samples < 1:
         fail("train.num_samples", "must be >= 1")
     if jax.process_count() > 1 and n_dev != jax.device_count():
-        fail("mesh.data", f"with {jax.process_count()} processes the mesh must use all "
-             f"{jax.device_count()} devices (mesh.data=-1), got {n_dev}")
+        fail(
+            "mesh.data",
+            f"with {jax.process_count()} processes the mesh must use all "
+            f"{jax.device_count()} devices (mesh.data=-1), got {n_dev}",
+        )
     if tr.num_steps < 1:
         fail("train.num_steps", f"must be >= 1 (the step to train up to), got {tr.num_steps}")
     for field in ("log_every_steps", "checkpoint_every_steps", "sample_every_steps"):
         if tr[field] < 0:
             fail(f"train.{field}", "must be >= 0 (0 = off)")
     if tr.keep_checkpoints < 1:
-        fail("train.keep_checkpoints", f"must be >= 1 (the newest K are kept), got "
-             f"{tr.keep_checkpoints}")
-    if d.data_dir and os.path.exists(os.path.expanduser(d.data_dir)) and not os.path.isdir(
-            os.path.expanduser(d.data_dir)):
-        fail("data.data_dir", f"{d.data_dir} is a file; name a directory for prepared datasets "
-             f"(created if missing)")
+        fail(
+            "train.keep_checkpoints",
+            f"must be >= 1 (the newest K are kept), got {tr.keep_checkpoints}",
+        )
+    if (
+        d.data_dir
+        and os.path.exists(os.path.expanduser(d.data_dir))
+        and not os.path.isdir(os.path.expanduser(d.data_dir))
+    ):
+        fail(
+            "data.data_dir",
+            f"{d.data_dir} is a file; name a directory for prepared datasets (created if missing)",
+        )
     if not 0.0 <= config.optim.ema_decay < 1.0:
         fail("optim.ema_decay", f"must be in [0, 1), got {config.optim.ema_decay}")
     if config.optim.lr <= 0:
         fail("optim.lr", "must be > 0")
     if config.optim.lr_schedule not in LR_SCHEDULES:
-        fail("optim.lr_schedule", f"unknown {config.optim.lr_schedule!r}; choose one of "
-             f"{LR_SCHEDULES}")
+        fail(
+            "optim.lr_schedule",
+            f"unknown {config.optim.lr_schedule!r}; choose one of {LR_SCHEDULES}",
+        )
     if not 0.0 <= config.optim.final_lr_ratio <= 1.0:
         fail("optim.final_lr_ratio", f"must be in [0, 1], got {config.optim.final_lr_ratio}")
     if config.mesh.cpu_devices < 0:
-        fail("mesh.cpu_devices", f"must be >= 0 (0 = JAX's default), got "
-             f"{config.mesh.cpu_devices}")
+        fail("mesh.cpu_devices", f"must be >= 0 (0 = JAX's default), got {config.mesh.cpu_devices}")
 
 
 def _check_diffusion(df, fail) -> None:
-    for field, value, choices in (("target", df.target, schedules.PREDICTION_TARGETS),
-                                  ("loss", df.loss, losses.LOSSES),
-                                  ("t_sampling", df.t_sampling, losses.T_SAMPLING)):
+    for field, value, choices in (
+        ("target", df.target, schedules.PREDICTION_TARGETS),
+        ("loss", df.loss, losses.LOSSES),
+        ("t_sampling", df.t_sampling, losses.T_SAMPLING),
+    ):
         if value not in choices:
             fail(f"diffusion.{field}", f"unknown {value!r}; choose one of {choices}")
     if df.zero_terminal_snr and df.target == "eps":
-        fail("diffusion.zero_terminal_snr", "ε-prediction is undefined at SNR 0 (x_T carries no "
-             "signal); set diffusion.target='v' (or 'x0')")
+        fail(
+            "diffusion.zero_terminal_snr",
+            "ε-prediction is undefined at SNR 0 (x_T carries no "
+            "signal); set diffusion.target='v' (or 'x0')",
+        )
     if df.loss == "hybrid" and not df.learned_variance:
-        fail("diffusion.loss", "'hybrid' trains the learned variance only; set "
-             "diffusion.learned_variance=True (or use loss='vlb')")
+        fail(
+            "diffusion.loss",
+            "'hybrid' trains the learned variance only; set "
+            "diffusion.learned_variance=True (or use loss='vlb')",
+        )
     if df.learned_variance and df.loss == "simple":
-        fail("diffusion.learned_variance", "L_simple never trains the variance output; use "
-             "diffusion.loss='hybrid' (or 'vlb')")
+        fail(
+            "diffusion.learned_variance",
+            "L_simple never trains the variance output; use diffusion.loss='hybrid' (or 'vlb')",
+        )
     if df.min_snr_gamma > 0 and df.loss == "vlb":
         fail("diffusion.min_snr_gamma", "weights the MSE term, which loss='vlb' does not have")
     if df.t_sampling == "importance" and df.loss == "simple":
-        fail("diffusion.t_sampling", "importance sampling weighs t by the VLB history; it needs "
-             "diffusion.loss='hybrid' or 'vlb'")
+        fail(
+            "diffusion.t_sampling",
+            "importance sampling weighs t by the VLB history; it needs "
+            "diffusion.loss='hybrid' or 'vlb'",
+        )
     if df.vlb_weight < 0 or df.min_snr_gamma < 0:
-        fail("diffusion.vlb_weight" if df.vlb_weight < 0 else "diffusion.min_snr_gamma",
-             "must be >= 0")
+        fail(
+            "diffusion.vlb_weight" if df.vlb_weight < 0 else "diffusion.min_snr_gamma",
+            "must be >= 0",
+        )
 
 
 def _check_sampler(sp, num_steps: int, fail) -> None:
-    for field, value, choices in (("name", sp.name, tuple(samplers.SAMPLERS)),
-                                  ("spacing", sp.spacing, samplers.SPACINGS),
-                                  ("variance", sp.variance, samplers.FIXED_VARIANCES)):
+    for field, value, choices in (
+        ("name", sp.name, tuple(samplers.SAMPLERS)),
+        ("spacing", sp.spacing, samplers.SPACINGS),
+        ("variance", sp.variance, samplers.FIXED_VARIANCES),
+    ):
         if value not in choices:
             fail(f"sampler.{field}", f"unknown {value!r}; choose one of {choices}")
     if not 1 <= sp.steps <= num_steps:
         fail("sampler.steps", f"{sp.steps} must be in [1, diffusion.num_steps={num_steps}]")
     if sp.max_steps < sp.steps:
-        fail("sampler.max_steps", f"{sp.max_steps} < sampler.steps={sp.steps}; raise it (one "
-             f"compiled sampler serves every step count up to max_steps)")
+        fail(
+            "sampler.max_steps",
+            f"{sp.max_steps} < sampler.steps={sp.steps}; raise it (one "
+            f"compiled sampler serves every step count up to max_steps)",
+        )
     if not 0.0 <= sp.eta <= 1.0:
         fail("sampler.eta", f"must be in [0, 1], got {sp.eta}")
     if not 0.0 <= sp.dynamic_threshold < 1.0:
-        fail("sampler.dynamic_threshold", f"a percentile in (0, 1), or 0 for off; got "
-             f"{sp.dynamic_threshold}")
+        fail(
+            "sampler.dynamic_threshold",
+            f"a percentile in (0, 1), or 0 for off; got {sp.dynamic_threshold}",
+        )
 
 
 def _mesh(config) -> jax.sharding.Mesh:
@@ -194,30 +241,45 @@ def _model(config) -> UNet:
 
 def _optimizer(config) -> optax.GradientTransformation:
     o = config.optim
-    return make_optimizer(o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.grad_clip,
-                          schedule=o.lr_schedule, decay_steps=config.train.num_steps,
-                          final_lr_ratio=o.final_lr_ratio)
+    return make_optimizer(
+        o.lr,
+        o.warmup_steps,
+        o.weight_decay,
+        o.b1,
+        o.b2,
+        o.grad_clip,
+        schedule=o.lr_schedule,
+        decay_steps=config.train.num_steps,
+        final_lr_ratio=o.final_lr_ratio,
+    )
 
 
 def _schedule(config) -> schedules.Schedule:
     df = config.diffusion
-    return schedules.make_schedule(df.schedule, df.num_steps,
-                                   zero_terminal_snr=df.zero_terminal_snr)
+    return schedules.make_schedule(
+        df.schedule, df.num_steps, zero_terminal_snr=df.zero_terminal_snr
+    )
 
 
 def _loss_kwargs(config) -> dict:
     df = config.diffusion
-    return dict(target=df.target, loss=df.loss, learned_variance=df.learned_variance,
-                variance=config.sampler.variance, vlb_weight=df.vlb_weight,
-                min_snr_gamma=df.min_snr_gamma)
+    return dict(
+        target=df.target,
+        loss=df.loss,
+        learned_variance=df.learned_variance,
+        variance=config.sampler.variance,
+        vlb_weight=df.vlb_weight,
+        min_snr_gamma=df.min_snr_gamma,
+    )
 
 
 def open_split(config, split: str):
     """The dataset split; on several processes, process 0 prepares it while the others wait."""
     d = config.data
     data_dir = d.data_dir or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
-    load = lambda: data.load_source(d.name, split,
-                                    os.path.expanduser(data_dir), folder=d.folder or None)
+    load = lambda: data.load_source(
+        d.name, split, os.path.expanduser(data_dir), folder=d.folder or None
+    )
     if jax.process_count() == 1:
         return load()
     source = load() if jax.process_index() == 0 else None
@@ -239,8 +301,9 @@ class Setup:
         self.image_shape = (d.image_size, d.image_size, d.channels)
         root = jax.random.key(config.seed)
         self.init_key, self.train_key, self.sample_key, self.eval_key = jax.random.split(root, 4)
-        self.abstract_state = abstract_train_state(self.model, self.tx, self.image_shape,
-                                                   self.mesh, num_timesteps=self.schedule.num_steps)
+        self.abstract_state = abstract_train_state(
+            self.model, self.tx, self.image_shape, self.mesh, num_timesteps=self.schedule.num_steps
+        )
         self.params_sharding = jax.tree.map(lambda a: a.sharding, self.abstract_state.ema_params)
         self._sample_fns = {}
 
@@ -252,13 +315,23 @@ class Setup:
         s = self.config.sampler
         fn = self._sample_fns.get(batch_size) if progress is None else None
         if fn is None:
-            pred = samplers.Prediction(self.config.diffusion.target,
-                                       self.config.diffusion.learned_variance, s.clip_x0,
-                                       s.dynamic_threshold)
-            fn = make_sample_fn(self.model, self.schedule, self.mesh,
-                                (batch_size, *self.image_shape), sampler=s.name, pred=pred,
-                                variance=s.variance, progress=progress,
-                                params_sharding=self.params_sharding)
+            pred = samplers.Prediction(
+                self.config.diffusion.target,
+                self.config.diffusion.learned_variance,
+                s.clip_x0,
+                s.dynamic_threshold,
+            )
+            fn = make_sample_fn(
+                self.model,
+                self.schedule,
+                self.mesh,
+                (batch_size, *self.image_shape),
+                sampler=s.name,
+                pred=pred,
+                variance=s.variance,
+                progress=progress,
+                params_sharding=self.params_sharding,
+            )
             if progress is None:
                 self._sample_fns[batch_size] = fn
         table = samplers.timestep_table(self.schedule.num_steps, s.steps, s.spacing, s.max_steps)
@@ -332,16 +405,21 @@ def _check_finite(pending: list[tuple[int, Array]], last_saved: int | None) -> l
     values = [float(v) for _, v in pending]
     for (s, _), v in zip(pending, values, strict=True):
         if not math.isfinite(v):
-            kept = (f"the last good checkpoint (step {last_saved}) is intact"
-                    if last_saved is not None else "no checkpoint was written")
+            kept = (
+                f"the last good checkpoint (step {last_saved}) is intact"
+                if last_saved is not None
+                else "no checkpoint was written"
+            )
             raise NonFiniteLossError(
                 f"loss is {v} at step {s}; training stopped and {kept}. Lower optim.lr, "
-                f"raise optim.warmup_steps or set optim.grad_clip, then resume.")
+                f"raise optim.warmup_steps or set optim.grad_clip, then resume."
+            )
     return values
 
 
-def write_samples(setup: Setup, params, num: int, key, path: str,
-                   progress: bool = False) -> np.ndarray:
+def write_samples(
+    setup: Setup, params, num: int, key, path: str, progress: bool = False
+) -> np.ndarray:
     """Draws `num` samples with `params`; writes a PNG grid and an .npz (`images`) beside it.
 
     With `progress`, a bar follows every denoising step (a host callback inside the loop).
@@ -351,8 +429,12 @@ def write_samples(setup: Setup, params, num: int, key, path: str,
     bar, batch_index = None, [0]
     # One program on every process: the per-step progress callback only with a single process.
     if progress and jax.process_count() == 1:
-        bar = tqdm.tqdm(total=n_batches * steps, unit="step", mininterval=0.5,
-                        desc=f"sampling {num} ({setup.config.sampler.name}, batches of {bs})")
+        bar = tqdm.tqdm(
+            total=n_batches * steps,
+            unit="step",
+            mininterval=0.5,
+            desc=f"sampling {num} ({setup.config.sampler.name}, batches of {bs})",
+        )
 
     def advance(i):  # may run once per device: move the bar forward only
         done = batch_index[0] * steps + int(i) + 1
@@ -388,34 +470,64 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         state, data_state, last_saved = ckpt.restore(setup.abstract_state, set_aside=True)
         if last_saved >= tr.num_steps:
             ckpt.close()
-            log.info("already at step %d (train.num_steps=%d): nothing to train; raise "
-                     "--config.train.num_steps to train on", last_saved, tr.num_steps)
+            log.info(
+                "already at step %d (train.num_steps=%d): nothing to train; raise "
+                "--config.train.num_steps to train on",
+                last_saved,
+                tr.num_steps,
+            )
             return state
         log.info("resumed from step %d in %s", last_saved, ckpt.directory)
     source = open_split(config, d.train_split)
     if (warning := data.upsampling_warning(source, d.image_size)) is not None:
         log.warning("%s: %s", d.name, warning)
     train_iter = data.make_train_iterator(
-        source, image_size=d.image_size, channels=d.channels, global_batch=tr.batch_size,
-        seed=config.seed, random_flip=d.random_flip, worker_count=d.worker_count)
+        source,
+        image_size=d.image_size,
+        channels=d.channels,
+        global_batch=tr.batch_size,
+        seed=config.seed,
+        random_flip=d.random_flip,
+        worker_count=d.worker_count,
+    )
     if data_state is not None:
         _continue_stream(train_iter, data_state["train_iter"], ckpt)
     else:
-        state = create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
-                                   setup.mesh, num_timesteps=setup.schedule.num_steps)
+        state = create_train_state(
+            setup.model,
+            setup.tx,
+            setup.image_shape,
+            setup.init_key,
+            setup.mesh,
+            num_timesteps=setup.schedule.num_steps,
+        )
         last_saved = None
-    train_step = make_train_step(setup.model, setup.schedule, setup.tx, setup.mesh,
-                                 setup.abstract_state, ema_decay=config.optim.ema_decay,
-                                 t_sampling=config.diffusion.t_sampling,
-                                 grad_accum_steps=tr.grad_accum_steps, **_loss_kwargs(config))
+    train_step = make_train_step(
+        setup.model,
+        setup.schedule,
+        setup.tx,
+        setup.mesh,
+        setup.abstract_state,
+        ema_decay=config.optim.ema_decay,
+        t_sampling=config.diffusion.t_sampling,
+        grad_accum_steps=tr.grad_accum_steps,
+        **_loss_kwargs(config),
+    )
     writer = MetricWriter(workdir, resumed_step=last_saved if last_saved is not None else 0)
     stop = {"signal": None}
     # Several processes must agree on the stop step, so Ctrl-C is a flag there too.
     handled = (signal.SIGTERM,) if jax.process_count() == 1 else (signal.SIGTERM, signal.SIGINT)
     previous = {s: signal.signal(s, lambda sig, _: stop.update(signal=sig)) for s in handled}
     step = int(state.step)
-    bar = tqdm.tqdm(total=tr.num_steps, initial=step, desc="train", unit="step",
-                    disable=jax.process_index() != 0, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm.tqdm(
+        total=tr.num_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     pending, t0, healthy = [], time.perf_counter(), False
 
     def at(every):
@@ -443,12 +555,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if at(tr.log_every_steps) or step == tr.num_steps:
                 values = _check_finite(pending, last_saved)
                 rate = len(pending) / (time.perf_counter() - t0)
-                scalars = {"train/loss": float(np.mean(values)),
-                           "train/grad_norm": float(metrics["grad_norm"]),
-                           "train/steps_per_s": rate}
+                scalars = {
+                    "train/loss": float(np.mean(values)),
+                    "train/grad_norm": float(metrics["grad_norm"]),
+                    "train/steps_per_s": rate,
+                }
                 if config.diffusion.loss != "simple":  # the last step's parts
-                    scalars.update({"train/mse": float(metrics["mse"]),
-                                    "train/vlb_bpd": float(metrics["vlb"])})
+                    scalars.update(
+                        {"train/mse": float(metrics["mse"]), "train/vlb_bpd": float(metrics["vlb"])}
+                    )
                 writer.write(step, scalars)
                 bar.set_postfix(loss=f"{np.mean(values):.4f}")
                 pending, t0 = [], time.perf_counter()
@@ -456,12 +571,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _check_finite(pending, last_saved)
                 save(step)
             if at(tr.sample_every_steps):
-                write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
-                               grid_path())
+                write_samples(
+                    setup, state.ema_params, tr.num_samples, setup.sample_key, grid_path()
+                )
         healthy = True
         if step == tr.num_steps and not at(tr.sample_every_steps):  # the final grid
-            write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key,
-                           grid_path())
+            write_samples(setup, state.ema_params, tr.num_samples, setup.sample_key, grid_path())
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: writing a final checkpoint", step)
         healthy = True
@@ -493,9 +608,13 @@ def _continue_stream(train_iter: data.TrainIterator, saved: dict, ckpt) -> None:
         ) from None
     new_batch = train_iter.get_state()["global_batch"]
     if saved.get("global_batch") != new_batch:
-        log.warning("train.batch_size changed from %s to %d: continuing the same stream of "
-                    "examples at example %d", saved.get("global_batch"), new_batch,
-                    train_iter.get_state()["next_example"])
+        log.warning(
+            "train.batch_size changed from %s to %d: continuing the same stream of "
+            "examples at example %d",
+            saved.get("global_batch"),
+            new_batch,
+            train_iter.get_state()["next_example"],
+        )
 
 
 def _restore_for_inference(setup: Setup, workdir: str, step: int | None):
@@ -517,8 +636,12 @@ def load_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     return setup, state.ema_params, restored
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str, step: int | None = None,
-           num_samples: int | None = None) -> str:
+def sample(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int | None = None,
+    num_samples: int | None = None,
+) -> str:
     """Samples from a checkpoint's EMA parameters; writes `samples/sample_<step>.png` and `.npz`."""
     setup = Setup(config)
     state, restored = _restore_for_inference(setup, workdir, step)
@@ -538,32 +661,56 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     setup = Setup(config)
     state, restored = _restore_for_inference(setup, workdir, step)
     d, df = config.data, config.diffusion
-    eval_iter = data.make_eval_iterator(open_split(config, d.eval_split), image_size=d.image_size,
-                                        channels=d.channels,
-                                        batch_size=config.train.eval_batch_size)
-    eval_step = make_eval_step(setup.model, setup.schedule, setup.mesh,
-                               params_sharding=setup.params_sharding, **_loss_kwargs(config))
-    bpd_step = make_bpd_step(setup.model, setup.schedule, setup.mesh, target=df.target,
-                             variance=config.sampler.variance,
-                             learned_variance=df.learned_variance,
-                             params_sharding=setup.params_sharding)
+    eval_iter = data.make_eval_iterator(
+        open_split(config, d.eval_split),
+        image_size=d.image_size,
+        channels=d.channels,
+        batch_size=config.train.eval_batch_size,
+    )
+    eval_step = make_eval_step(
+        setup.model,
+        setup.schedule,
+        setup.mesh,
+        params_sharding=setup.params_sharding,
+        **_loss_kwargs(config),
+    )
+    bpd_step = make_bpd_step(
+        setup.model,
+        setup.schedule,
+        setup.mesh,
+        target=df.target,
+        variance=config.sampler.variance,
+        learned_variance=df.learned_variance,
+        params_sharding=setup.params_sharding,
+    )
     sums, count = {}, 0
     log.info("eval: the bound costs %d network calls per test image", setup.schedule.num_steps)
-    for i, batch in enumerate(tqdm.tqdm(eval_iter, desc="eval", unit="batch",
-                                        disable=jax.process_index() != 0)):
+    for i, batch in enumerate(
+        tqdm.tqdm(eval_iter, desc="eval", unit="batch", disable=jax.process_index() != 0)
+    ):
         mask = batch.pop("mask")
         batch = sharding.global_batch(batch, setup.mesh)
         key = jax.random.fold_in(setup.eval_key, i)
-        parts = {"loss": eval_step(state.ema_params, batch, key),
-                 **bpd_step(state.ema_params, batch, jax.random.fold_in(key, 1))}
+        parts = {
+            "loss": eval_step(state.ema_params, batch, key),
+            **bpd_step(state.ema_params, batch, jax.random.fold_in(key, 1)),
+        }
         mask = sharding.to_host(sharding.global_batch(mask, setup.mesh))
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + float(np.sum(sharding.to_host(value) * mask))
         count += int(mask.sum())
-    names = {"loss": "eval/loss", "total": "eval/bpd", "prior": "eval/bpd_prior",
-             "decoder": "eval/bpd_decoder", "kl": "eval/bpd_kl"}
-    result = {"step": restored, **{names[k]: v / max(count, 1) for k, v in sums.items()},
-              "eval/examples": count}
+    names = {
+        "loss": "eval/loss",
+        "total": "eval/bpd",
+        "prior": "eval/bpd_prior",
+        "decoder": "eval/bpd_decoder",
+        "kl": "eval/bpd_kl",
+    }
+    result = {
+        "step": restored,
+        **{names[k]: v / max(count, 1) for k, v in sums.items()},
+        "eval/examples": count,
+    }
     writer = MetricWriter(workdir)
     writer.write(restored, {k: v for k, v in result.items() if k.startswith("eval/")})
     writer.close()

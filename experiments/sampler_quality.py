@@ -38,8 +38,11 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=128, help="Samples per cell.")
     parser.add_argument("--nfe", default="10,20,50,100,1000", help="Network-call budgets.")
     parser.add_argument("--samplers", default=",".join(samplers.SAMPLERS))
-    parser.add_argument("--spacing", default="uniform,trailing",
-                        help="Spacings tried below 100 calls (the best is reported).")
+    parser.add_argument(
+        "--spacing",
+        default="uniform,trailing",
+        help="Spacings tried below 100 calls (the best is reported).",
+    )
     args = parser.parse_args()
 
     config = digits.get_config(args.config or None)
@@ -50,8 +53,15 @@ def main() -> None:
     pred = samplers.Prediction(df.target, df.learned_variance, True)
     rows, raw = [], []
     for name in args.samplers.split(","):
-        fn = steps.make_sample_fn(setup.model, s, setup.mesh, shape, sampler=name, pred=pred,
-                                  variance=config.sampler.variance)
+        fn = steps.make_sample_fn(
+            setup.model,
+            s,
+            setup.mesh,
+            shape,
+            sampler=name,
+            pred=pred,
+            variance=config.sampler.variance,
+        )
         warm = samplers.timestep_table(s.num_steps, 1, "uniform", s.num_steps)
         fn(params, setup.sample_key, warm, np.int32(1), np.float32(0.0))  # the one compilation
         for nfe in (int(x) for x in args.nfe.split(",")):
@@ -60,27 +70,41 @@ def main() -> None:
             for spacing in args.spacing.split(",") if nfe < 100 else ["uniform"]:
                 table = samplers.timestep_table(s.num_steps, n, spacing, s.num_steps)
                 t0 = time.perf_counter()
-                images = sharding.to_host(fn(params, setup.sample_key, table, np.int32(n),
-                                             np.float32(0.0)))
+                images = sharding.to_host(
+                    fn(params, setup.sample_key, table, np.int32(n), np.float32(0.0))
+                )
                 secs = time.perf_counter() - t0
                 q = quality.digits_quality(images, config.data.image_size)
-                cell = dict(sampler=name, nfe=samplers.network_calls(name, n), steps=n,
-                            spacing=spacing, s_per_image=secs / args.num,
-                            **{k: float(q[k]) for k in ("confidence", "coverage", "class_kl",
-                                                        "fd", "fd_real")})
+                cell = dict(
+                    sampler=name,
+                    nfe=samplers.network_calls(name, n),
+                    steps=n,
+                    spacing=spacing,
+                    s_per_image=secs / args.num,
+                    **{
+                        k: float(q[k])
+                        for k in ("confidence", "coverage", "class_kl", "fd", "fd_real")
+                    },
+                )
                 raw.append(cell)
                 if best is None or cell["fd"] < best["fd"]:
                     best = cell
             rows.append(best)
             print(json.dumps(best), flush=True)
         assert fn._cache_size() == 1, "the sampler recompiled"
-    lines = [f"checkpoint step {step}, N = {args.num}, real-digit FD at this N: "
-             f"{rows[0]['fd_real']:.2f}", "",
-             "| sampler | NFE | spacing | confidence | coverage | class KL | FD | ms/image |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['sampler']} | {r['nfe']} | {r['spacing']} | {r['confidence']:.3f} | "
-              f"{r['coverage']:.0f}/10 | {r['class_kl']:.3f} | {r['fd']:.2f} | "
-              f"{1000 * r['s_per_image']:.1f} |" for r in rows]
+    lines = [
+        f"checkpoint step {step}, N = {args.num}, real-digit FD at this N: "
+        f"{rows[0]['fd_real']:.2f}",
+        "",
+        "| sampler | NFE | spacing | confidence | coverage | class KL | FD | ms/image |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['sampler']} | {r['nfe']} | {r['spacing']} | {r['confidence']:.3f} | "
+        f"{r['coverage']:.0f}/10 | {r['class_kl']:.3f} | {r['fd']:.2f} | "
+        f"{1000 * r['s_per_image']:.1f} |"
+        for r in rows
+    ]
     print("\n".join(lines))
     with open(os.path.join(args.workdir, "sampler_quality.json"), "w") as f:
         json.dump({"table": lines, "best": rows, "all": raw}, f, indent=1)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = f"{ROOT}/configs/digits.py:tiny"
@@ -16,10 +17,13 @@ def _cmd(*flags):
 
 def _run_all(cases: dict, cwd=ROOT) -> dict:
     """Runs every case's command at once (each mostly waits on imports), returns the results."""
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    procs = {name: subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, cmd in cases.items()}
+    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    procs = {
+        name: subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, cmd in cases.items()
+    }
     return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
 
 
@@ -50,8 +54,7 @@ def bad(tmp_path_factory):
         "step_in_train": _cmd("--config", TINY, work, data, "--step=3"),
         "cpu_devices": _cmd("--config", TINY, work, data, "--cpu_devices=-2"),
         "num_samples_0": _cmd("--config", TINY, work, data, "--mode=sample", "--num_samples=0"),
-        "num_samples_neg": _cmd("--config", TINY, work, data, "--mode=sample",
-                                "--num_samples=-3"),
+        "num_samples_neg": _cmd("--config", TINY, work, data, "--mode=sample", "--num_samples=-3"),
         "sample_no_workdir": _cmd("--config", TINY, f"--workdir={tmp / 'none'}", "--mode=sample"),
         "verbose": _cmd("--config", TINY, work, data, "--config.data.image_size=7", "--verbose"),
         "other_cwd": _cmd("--config", TINY, work, "--config.data.image_size=7"),
@@ -121,7 +124,11 @@ def read_only_dir(tmp_path):
 
 def test_read_only_workdir_train_and_sample(read_only_dir):
     work = f"--workdir={read_only_dir}"
-    results = _run_all({"train": _cmd("--config", TINY, work),
-                        "sample": _cmd("--config", TINY, work, "--mode=sample")})
+    results = _run_all(
+        {
+            "train": _cmd("--config", TINY, work),
+            "sample": _cmd("--config", TINY, work, "--mode=sample"),
+        }
+    )
     for mode, (rc, _, err) in results.items():
         assert rc == 2 and "not writable" in err and "Traceback" not in err, (mode, err[-2000:])

@@ -12,6 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
 from configs import digits
 from diffjax import checkpoint, train
@@ -30,16 +31,24 @@ def _config(data_dir):
 
 
 def _cli(workdir, data_dir):
-    return [sys.executable, "-m", "diffjax.main", "--config", f"{ROOT}/configs/digits.py:tiny",
-            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}",
-            f"--config.train.num_steps={NUM_STEPS}", f"--config.train.checkpoint_every_steps="
-            f"{EVERY}", "--config.train.log_every_steps=1"]
+    return [
+        sys.executable,
+        "-m",
+        "diffjax.main",
+        "--config",
+        f"{ROOT}/configs/digits.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        f"--config.train.num_steps={NUM_STEPS}",
+        f"--config.train.checkpoint_every_steps={EVERY}",
+        "--config.train.log_every_steps=1",
+    ]
 
 
 def _env():
     # One device, as users run it, and no compilation cache: every restart compiles anew, so
     # kills land in compilation too.
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
 
@@ -54,8 +63,7 @@ def _logged_step(workdir) -> int:
 
 def _tmp_dirs(workdir) -> list[str]:
     ckpts = os.path.join(workdir, "checkpoints")
-    return [p for p in os.listdir(ckpts) if p.endswith(TMP_SUFFIX)] if os.path.isdir(
-        ckpts) else []
+    return [p for p in os.listdir(ckpts) if p.endswith(TMP_SUFFIX)] if os.path.isdir(ckpts) else []
 
 
 def _restore_all(config, workdir):
@@ -81,8 +89,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     config = _config(tmp_path / "tfds")
     ref_dir, work = tmp_path / "reference", tmp_path / "killed"
     t0 = time.time()
-    res = subprocess.run(_cli(ref_dir, tmp_path / "tfds_ref"), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        _cli(ref_dir, tmp_path / "tfds_ref"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     run_time = time.time() - t0
 
@@ -91,8 +105,13 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     rng.shuffle(plan)
     plan.insert(0, "startup")  # the first launch also prepares the dataset
     for kind in plan:
-        proc = subprocess.Popen(_cli(work, tmp_path / "tfds"), cwd=ROOT, env=_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            _cli(work, tmp_path / "tfds"),
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         if kind == "mid_write":  # poll for Orbax's temporary directory: kill inside the write
             deadline = time.time() + run_time
             while proc.poll() is None and not _tmp_dirs(work) and time.time() < deadline:
@@ -117,8 +136,14 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         counts["max_steps_lost"] = max(counts["max_steps_lost"], lost)
         counts["resumes"] += 1
 
-    res = subprocess.run(_cli(work, tmp_path / "tfds"), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        _cli(work, tmp_path / "tfds"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     print(f"\ncrash test: {counts}, reference run {run_time:.1f} s")
     assert counts["kills"] >= RANDOM_KILLS and counts["mid_write"] >= 1, counts
@@ -128,6 +153,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     assert a_step == b_step == NUM_STEPS and a_data == b_data
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    losses = lambda d: [(r["step"], r["train/loss"]) for r in map(
-        json.loads, (d / "metrics.jsonl").read_text().splitlines()) if "train/loss" in r]
+    losses = lambda d: [
+        (r["step"], r["train/loss"])
+        for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in r
+    ]
     assert losses(work) == losses(ref_dir)  # the metrics read as one uninterrupted run

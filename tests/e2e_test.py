@@ -26,8 +26,16 @@ def _config(data_dir, **train_overrides):
 
 
 def _cli(workdir, data_dir, *flags):
-    return [sys.executable, "-m", "diffjax.main", "--config", f"{ROOT}/configs/digits.py:tiny",
-            f"--workdir={workdir}", f"--config.data.data_dir={data_dir}", *flags]
+    return [
+        sys.executable,
+        "-m",
+        "diffjax.main",
+        "--config",
+        f"{ROOT}/configs/digits.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *flags,
+    ]
 
 
 def _restore(config, workdir, step=None):
@@ -44,12 +52,22 @@ def data_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tfds")
 
 
+@pytest.mark.slow  # the slow tier: `pytest -m slow`, CI's second step
 def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
     """SIGTERM mid-run, resume in a new process: bit-identical to an uninterrupted run."""
     work = tmp_path / "interrupted"
-    proc = subprocess.Popen(_cli(work, data_dir, "--config.train.num_steps=100000",
-                                 "--config.train.checkpoint_every_steps=0"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _cli(
+            work,
+            data_dir,
+            "--config.train.num_steps=100000",
+            "--config.train.checkpoint_every_steps=0",
+        ),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = work / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
@@ -63,8 +81,13 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
     assert stopped is not None and stopped >= 4
 
     total = stopped + 3
-    res = subprocess.run(_cli(work, data_dir, f"--config.train.num_steps={total}"), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        _cli(work, data_dir, f"--config.train.num_steps={total}"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"resumed from step {stopped}" in res.stderr
 
@@ -126,8 +149,9 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, caplog):
 
     # Training on: the unreadable step 4 is moved aside (kept), then written again.
     caplog.clear()
-    train.train_and_evaluate(_config(data_dir, num_steps=6, checkpoint_every_steps=2),
-                             str(tmp_path))
+    train.train_and_evaluate(
+        _config(data_dir, num_steps=6, checkpoint_every_steps=2), str(tmp_path)
+    )
     assert "moved the unreadable checkpoint of step 4 aside" in caplog.text
     assert [p.name for p in ckpts.iterdir() if p.name.startswith("4.corrupt-")]
     assert checkpoint.Checkpointer(str(ckpts)).all_steps() == [2, 4, 6]
@@ -151,14 +175,29 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, caplog):
 
 
 def test_cli_rejects_bad_config_before_compiling(tmp_path, data_dir):
-    res = subprocess.run(_cli(tmp_path, data_dir, "--config.data.image_size=7"), cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        _cli(tmp_path, data_dir, "--config.data.image_size=7"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "config.data.image_size: 7" in res.stderr
-    res = subprocess.run(_cli(tmp_path, data_dir, "--config.optim.learning_rate=1"), cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        _cli(tmp_path, data_dir, "--config.optim.learning_rate=1"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "learning_rate" in res.stderr
-    res = subprocess.run(_cli(tmp_path, data_dir, "--config.data.name=no_such_dataset"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        _cli(tmp_path, data_dir, "--config.data.name=no_such_dataset"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode != 0 and "no_such_dataset" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
@@ -177,11 +216,18 @@ def test_hybrid_loss_with_importance_sampling_then_fast_sampling_from_the_cli(tm
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(x["train/vlb_bpd"]) for x in lines if "train/vlb_bpd" in x)
 
-    flags = ["--mode=sample", "--num_samples=8", "--config.diffusion.learned_variance=True",
-             "--config.diffusion.loss=hybrid", "--config.sampler.name=dpm_solver_pp",
-             "--config.sampler.steps=5", "--config.sampler.spacing=trailing"]
-    res = subprocess.run(_cli(tmp_path, data_dir, *flags), cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    flags = [
+        "--mode=sample",
+        "--num_samples=8",
+        "--config.diffusion.learned_variance=True",
+        "--config.diffusion.loss=hybrid",
+        "--config.sampler.name=dpm_solver_pp",
+        "--config.sampler.steps=5",
+        "--config.sampler.spacing=trailing",
+    ]
+    res = subprocess.run(
+        _cli(tmp_path, data_dir, *flags), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     images = np.load(tmp_path / "samples" / "sample_0000004.npz")["images"]
     assert images.shape == (8, 8, 8, 1) and np.isfinite(images).all()

@@ -35,14 +35,15 @@ def test_zero_predictor_loss_is_second_moment_of_target():
     x0 = jnp.ones((256, 8, 8, 1)) * 0.5
     np.testing.assert_allclose(
         losses.simple_loss(s, lambda x, t: jnp.zeros_like(x), x0, jax.random.key(2), "x0"),
-        0.25, rtol=1e-6)
+        0.25,
+        rtol=1e-6,
+    )
 
 
 def test_unknown_target():
     s = schedules.make_schedule("linear", 10)
     with pytest.raises(ValueError, match="unknown prediction target 'score'"):
-        losses.simple_loss(s, lambda x, t: x, jnp.zeros((2, 2, 2, 1)), jax.random.key(0),
-                           "score")
+        losses.simple_loss(s, lambda x, t: x, jnp.zeros((2, 2, 2, 1)), jax.random.key(0), "score")
 
 
 # --- the variational bound ----------------------------------------------------------------------
@@ -56,39 +57,45 @@ def test_normal_kl_against_numerical_integration():
         p, q = stats.norm.pdf(x, m1, np.sqrt(v1)), stats.norm.pdf(x, m2, np.sqrt(v2))
         ok = p > 1e-300
         numeric = np.trapezoid(p[ok] * (np.log(p[ok]) - np.log(q[ok])), x[ok])
-        np.testing.assert_allclose(losses.normal_kl(m1, np.log(v1), m2, np.log(v2)), numeric,
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            losses.normal_kl(m1, np.log(v1), m2, np.log(v2)), numeric, atol=1e-5
+        )
 
 
-@pytest.mark.parametrize("mean,scale", [(0.3, 0.05), (0.0, 3.0), (0.99, 1e-3), (-2.0, 0.01),
-                                        (0.5, 1e-4)])
+@pytest.mark.parametrize(
+    "mean,scale", [(0.3, 0.05), (0.0, 3.0), (0.99, 1e-3), (-2.0, 0.01), (0.5, 1e-4)]
+)
 def test_discretized_gaussian_sums_to_one_over_the_256_bins(mean, scale):
     bins = jnp.linspace(-1, 1, 256)
     log_p = losses.discretized_gaussian_log_likelihood(bins, mean, np.log(scale))
     np.testing.assert_allclose(float(jnp.sum(jnp.exp(log_p))), 1.0, atol=1e-5)
     # An interior bin against the CDF difference, computed independently in float64.
     k = 128
-    expected = (stats.norm.cdf(bins[k] + 1 / 255, mean, scale)
-                - stats.norm.cdf(bins[k] - 1 / 255, mean, scale))
+    expected = stats.norm.cdf(bins[k] + 1 / 255, mean, scale) - stats.norm.cdf(
+        bins[k] - 1 / 255, mean, scale
+    )
     if expected > 1e-30:
         np.testing.assert_allclose(float(log_p[k]), np.log(expected), rtol=1e-3, atol=1e-5)
 
 
 def _gaussian_model(s, learned_variance=True):
     """ε̂ and the v that make p(x_{t-1}|x_t) the true reverse kernel, for x_0 ~ N(μ, σ²)."""
+
     def denoise(x_t, t):
         ab = schedules.extract(s.alpha_bar, t, x_t.ndim)
         x0 = MU + jnp.sqrt(ab) * SIG**2 / (ab * SIG**2 + 1 - ab) * (x_t - jnp.sqrt(ab) * MU)
         eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
         if not learned_variance:
             return eps
-        var = (schedules.extract(s.posterior_variance, t, x_t.ndim)
-               + schedules.extract(s.posterior_mean_coef_x0, t, x_t.ndim) ** 2
-               * SIG**2 * (1 - ab) / (ab * SIG**2 + 1 - ab))
+        var = schedules.extract(s.posterior_variance, t, x_t.ndim) + schedules.extract(
+            s.posterior_mean_coef_x0, t, x_t.ndim
+        ) ** 2 * SIG**2 * (1 - ab) / (ab * SIG**2 + 1 - ab)
         lo = schedules.extract(s.posterior_log_variance_clipped, t, x_t.ndim)
         hi = schedules.extract(jnp.log(s.betas), t, x_t.ndim)
-        return jnp.concatenate([eps, jnp.broadcast_to(2 * (jnp.log(var) - lo) / (hi - lo) - 1,
-                                                      eps.shape)], -1)
+        return jnp.concatenate(
+            [eps, jnp.broadcast_to(2 * (jnp.log(var) - lo) / (hi - lo) - 1, eps.shape)], -1
+        )
+
     return denoise
 
 
@@ -113,14 +120,16 @@ def test_vlb_of_the_exact_model_is_the_data_nll():
     prior mismatch (~1e-6 bits)."""
     s = schedules.make_schedule("linear", 1000)
     x0 = _quantized_gaussian(16384)
-    out = jax.jit(lambda x, k: losses.bits_per_dim(s, _gaussian_model(s), x, k,
-                                                    learned_variance=True))(x0, jax.random.key(0))
+    out = jax.jit(
+        lambda x, k: losses.bits_per_dim(s, _gaussian_model(s), x, k, learned_variance=True)
+    )(x0, jax.random.key(0))
     total = float(out["total"].mean())
     np.testing.assert_allclose(total, _entropy_bits(), atol=0.08)
     assert float(out["prior"].mean()) < 1e-4
     # Fixed variances are not the true kernels: the bound is strictly looser.
-    fixed = jax.jit(lambda x, k: losses.bits_per_dim(s, _gaussian_model(s, False), x, k,
-                                                     variance="posterior"))(x0, jax.random.key(0))
+    fixed = jax.jit(
+        lambda x, k: losses.bits_per_dim(s, _gaussian_model(s, False), x, k, variance="posterior")
+    )(x0, jax.random.key(0))
     assert float(fixed["total"].mean()) > total + 0.2
 
 
@@ -130,8 +139,9 @@ def test_hybrid_loss_stops_the_vlb_gradient_on_the_mean():
     t, noise = jnp.arange(8) * 12, jax.random.normal(jax.random.key(0), x0.shape)
 
     def grads(loss, out):
-        f = lambda o: losses.training_losses(s, lambda x, tt: o, x0, t, noise, loss=loss,
-                                             learned_variance=True)["loss"].sum()
+        f = lambda o: losses.training_losses(
+            s, lambda x, tt: o, x0, t, noise, loss=loss, learned_variance=True
+        )["loss"].sum()
         return jax.grad(f)(out)
 
     out = jax.random.normal(jax.random.key(1), (8, 1, 1, 2)) * 0.1
@@ -146,18 +156,21 @@ def test_min_snr_weights():
     t = jnp.array([0, 300, 999])
     snr = np.exp(np.asarray(s.log_snr)[[0, 300, 999]])
     g = 5.0
-    np.testing.assert_allclose(losses.min_snr_weight(s, t, "eps", g), np.minimum(snr, g) / snr,
-                               rtol=1e-5)
-    np.testing.assert_allclose(losses.min_snr_weight(s, t, "x0", g), np.minimum(snr, g),
-                               rtol=1e-5)
-    np.testing.assert_allclose(losses.min_snr_weight(s, t, "v", g),
-                               np.minimum(snr, g) / (snr + 1), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.min_snr_weight(s, t, "eps", g), np.minimum(snr, g) / snr, rtol=1e-5
+    )
+    np.testing.assert_allclose(losses.min_snr_weight(s, t, "x0", g), np.minimum(snr, g), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.min_snr_weight(s, t, "v", g), np.minimum(snr, g) / (snr + 1), rtol=1e-5
+    )
     np.testing.assert_array_equal(losses.min_snr_weight(s, t, "eps", 0.0), 1.0)
 
 
 def test_loss_history_with_repeated_timesteps():
     h = losses.init_loss_history(5, size=3)
-    h = losses.update_loss_history(h, jnp.array([2, 2, 2, 2, 4]), jnp.array([1., 2., 3., 4., 9.]))
+    h = losses.update_loss_history(
+        h, jnp.array([2, 2, 2, 2, 4]), jnp.array([1.0, 2.0, 3.0, 4.0, 9.0])
+    )
     np.testing.assert_array_equal(h.count, [0, 0, 4, 0, 1])
     # Four values for t=2 in a ring of 3: slots 0, 1, 2, then 0 again (the newest wins).
     assert sorted(np.asarray(h.values[2]).tolist()) in ([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
@@ -167,8 +180,9 @@ def test_loss_history_with_repeated_timesteps():
 def test_importance_sampling_is_unbiased():
     """Once every t has a full history, p_t ∝ √E[L_t²] and E[w L_t] = mean_t L_t."""
     losses_per_t = jnp.linspace(0.1, 5.0, 20) ** 2
-    h = losses.LossHistory(values=jnp.tile(losses_per_t[:, None], (1, 10)),
-                           count=jnp.full((20,), 10, jnp.int32))
+    h = losses.LossHistory(
+        values=jnp.tile(losses_per_t[:, None], (1, 10)), count=jnp.full((20,), 10, jnp.int32)
+    )
     t, w = losses.sample_timesteps(jax.random.key(0), 200000, h, "importance")
     est = float(jnp.mean(w * losses_per_t[t]))
     np.testing.assert_allclose(est, float(losses_per_t.mean()), rtol=0.01)
@@ -189,5 +203,6 @@ def test_zero_terminal_snr_schedule():
     np.testing.assert_allclose(b, slope * (a - a[-1]), atol=2e-6)
     # v-prediction is well defined at t = T: x_T = ε and v = -x_0.
     x0 = jnp.full((2, 1, 1, 1), 0.5)
-    np.testing.assert_allclose(schedules.x0_from_v(s, jnp.ones_like(x0), jnp.array([999, 999]),
-                                                   -x0), x0)
+    np.testing.assert_allclose(
+        schedules.x0_from_v(s, jnp.ones_like(x0), jnp.array([999, 999]), -x0), x0
+    )

@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from configs import digits
 from diffjax import checkpoint, data, sharding, steps, train
@@ -28,14 +29,25 @@ def _launch(workdir, data_dir, port, *flags):
     env["JAX_PLATFORMS"] = "cpu"
     procs = []
     for i in range(2):
-        cmd = [sys.executable, "-m", "diffjax.main", "--config",
-               f"{ROOT}/configs/digits.py:tiny", f"--workdir={workdir}",
-               f"--config.data.data_dir={data_dir}", f"--coordinator=127.0.0.1:{port}",
-               "--num_processes=2", f"--process_id={i}", "--cpu_devices=2",
-               "--heartbeat_timeout_s=10", *flags]
+        cmd = [
+            sys.executable,
+            "-m",
+            "diffjax.main",
+            "--config",
+            f"{ROOT}/configs/digits.py:tiny",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            f"--coordinator=127.0.0.1:{port}",
+            "--num_processes=2",
+            f"--process_id={i}",
+            "--cpu_devices=2",
+            "--heartbeat_timeout_s=10",
+            *flags,
+        ]
         log = open(os.path.join(str(workdir) + f".p{i}.log"), "w")
-        procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
+        procs.append(
+            (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
+        )
     return procs
 
 
@@ -61,12 +73,18 @@ def _until(predicate, procs, what, timeout=300):
         time.sleep(0.3)
 
 
+@pytest.mark.slow  # the slow tier: `pytest -m slow`, CI's second step
 def test_two_processes_stop_resume_match_one_process_and_fail_fast(tmp_path):
     data_dir, work = tmp_path / "tfds", tmp_path / "cluster"
     # 1. Train until the first metrics line, then SIGTERM process 1 only: both processes agree
     #    to stop at the same step and write one checkpoint together.
-    procs = _launch(work, data_dir, _free_port(), "--config.train.num_steps=100000",
-                    "--config.train.checkpoint_every_steps=0")
+    procs = _launch(
+        work,
+        data_dir,
+        _free_port(),
+        "--config.train.num_steps=100000",
+        "--config.train.checkpoint_every_steps=0",
+    )
     metrics = work / "metrics.jsonl"
     _until(lambda: metrics.exists() and metrics.read_text().strip(), procs, "training")
     procs[1][0].send_signal(signal.SIGTERM)
@@ -78,8 +96,13 @@ def test_two_processes_stop_resume_match_one_process_and_fail_fast(tmp_path):
     # 2. Restart: it resumes at the right step and checkpoints every step; once two more steps
     #    are safely written, kill -9 process 1. Process 0 must exit with an error, not hang.
     total = stopped + 2
-    procs = _launch(work, data_dir, _free_port(), "--config.train.num_steps=100000",
-                    "--config.train.checkpoint_every_steps=1")
+    procs = _launch(
+        work,
+        data_dir,
+        _free_port(),
+        "--config.train.num_steps=100000",
+        "--config.train.checkpoint_every_steps=1",
+    )
     _until(lambda: (work / "checkpoints" / str(total + 1)).exists(), procs, "resumed steps")
     procs[1][0].kill()
     t0 = time.time()
@@ -95,14 +118,35 @@ def test_two_processes_stop_resume_match_one_process_and_fail_fast(tmp_path):
     config.data.data_dir = str(data_dir)
     setup = train.Setup(config)
     d = config.data
-    iters = [data.make_train_iterator(train.open_split(config, "train"), image_size=d.image_size,
-                                      channels=d.channels, global_batch=16, seed=config.seed,
-                                      random_flip=False, process_index=i, process_count=2)
-             for i in range(2)]
-    state = steps.create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
-                                     setup.mesh, num_timesteps=setup.schedule.num_steps)
-    step = steps.make_train_step(setup.model, setup.schedule, setup.tx, setup.mesh,
-                                 setup.abstract_state, ema_decay=config.optim.ema_decay)
+    iters = [
+        data.make_train_iterator(
+            train.open_split(config, "train"),
+            image_size=d.image_size,
+            channels=d.channels,
+            global_batch=16,
+            seed=config.seed,
+            random_flip=False,
+            process_index=i,
+            process_count=2,
+        )
+        for i in range(2)
+    ]
+    state = steps.create_train_state(
+        setup.model,
+        setup.tx,
+        setup.image_shape,
+        setup.init_key,
+        setup.mesh,
+        num_timesteps=setup.schedule.num_steps,
+    )
+    step = steps.make_train_step(
+        setup.model,
+        setup.schedule,
+        setup.tx,
+        setup.mesh,
+        setup.abstract_state,
+        ema_decay=config.optim.ema_decay,
+    )
     for _ in range(total):
         parts = [next(it) for it in iters]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

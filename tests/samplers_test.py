@@ -19,6 +19,7 @@ def gaussian_model(s, target="eps", learned_variance=False):
     With `learned_variance`, it also outputs the v that makes p(x_{t-1} | x_t) the true reverse
     kernel: Var[x_{t-1} | x_t] = β̃_t + c_0² Var[x_0 | x_t] (c_0 the eq. 7 coefficient of x_0).
     """
+
     def denoise(x_t, t):
         ab = schedules.extract(s.alpha_bar, t, x_t.ndim)
         x0 = MU + jnp.sqrt(ab) * SIGMA**2 / (ab * SIGMA**2 + 1 - ab) * (x_t - jnp.sqrt(ab) * MU)
@@ -27,12 +28,15 @@ def gaussian_model(s, target="eps", learned_variance=False):
         if not learned_variance:
             return out
         var_x0 = SIGMA**2 * (1 - ab) / (ab * SIGMA**2 + 1 - ab)
-        var = (schedules.extract(s.posterior_variance, t, x_t.ndim)
-               + schedules.extract(s.posterior_mean_coef_x0, t, x_t.ndim) ** 2 * var_x0)
+        var = (
+            schedules.extract(s.posterior_variance, t, x_t.ndim)
+            + schedules.extract(s.posterior_mean_coef_x0, t, x_t.ndim) ** 2 * var_x0
+        )
         lo = schedules.extract(s.posterior_log_variance_clipped, t, x_t.ndim)
         hi = schedules.extract(jnp.log(s.betas), t, x_t.ndim)
         v = jnp.broadcast_to(2 * (jnp.log(var) - lo) / (hi - lo) - 1, out.shape)
         return jnp.concatenate([out, v], axis=-1)
+
     return denoise
 
 
@@ -40,9 +44,19 @@ def _run(name, steps_, spacing="uniform", target="eps", x_T=None, key=0, eta=0.0
     x_T = jnp.array([0.0, 1.0]).reshape(2, 1, 1, 1) if x_T is None else x_T
     pred = kw.pop("pred", samplers.Prediction(target, clip_x0=False))
     table = samplers.timestep_table(S.num_steps, steps_, spacing, max(steps_, 200))
-    return np.asarray(samplers.SAMPLERS[name](
-        gaussian_model(S, target, pred.learned_variance), S, x_T, jax.random.key(key), table,
-        np.int32(steps_), eta=eta, pred=pred, **kw))
+    return np.asarray(
+        samplers.SAMPLERS[name](
+            gaussian_model(S, target, pred.learned_variance),
+            S,
+            x_T,
+            jax.random.key(key),
+            table,
+            np.int32(steps_),
+            eta=eta,
+            pred=pred,
+            **kw,
+        )
+    )
 
 
 def _affine_errors(name, steps_, spacing="uniform", target="eps"):
@@ -53,12 +67,11 @@ def _affine_errors(name, steps_, spacing="uniform", target="eps"):
 
 
 def test_timestep_spacings():
-    np.testing.assert_array_equal(samplers.timesteps(1000, 10, "uniform"),
-                                  [999, 888, 777, 666, 555, 444, 333, 222, 111, 0])
-    np.testing.assert_array_equal(samplers.timesteps(1000, 10, "trailing"),
-                                  np.arange(999, 0, -100))
-    np.testing.assert_array_equal(samplers.timesteps(1000, 10, "leading"),
-                                  np.arange(900, -1, -100))
+    np.testing.assert_array_equal(
+        samplers.timesteps(1000, 10, "uniform"), [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    )
+    np.testing.assert_array_equal(samplers.timesteps(1000, 10, "trailing"), np.arange(999, 0, -100))
+    np.testing.assert_array_equal(samplers.timesteps(1000, 10, "leading"), np.arange(900, -1, -100))
     for spacing in samplers.SPACINGS:
         np.testing.assert_array_equal(samplers.timesteps(50, 50, spacing), np.arange(49, -1, -1))
     for T in (50, 100, 1000):  # every step count gives `steps` distinct timesteps in [0, T)
@@ -81,14 +94,14 @@ def test_transition_of_adjacent_steps_is_the_schedule():
     np.testing.assert_allclose(c["beta"], S.betas[t], rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(c["coef_x0"], S.posterior_mean_coef_x0[t], rtol=1e-5, atol=1e-9)
     np.testing.assert_allclose(c["coef_xt"], S.posterior_mean_coef_xt[t], rtol=1e-5)
-    np.testing.assert_allclose(c["posterior_variance"], S.posterior_variance[t], rtol=1e-5,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        c["posterior_variance"], S.posterior_variance[t], rtol=1e-5, atol=1e-9
+    )
 
 
 # Errors of the exact affine map at 160 steps. The mean floor (~8e-4) is the prior mismatch:
 # x_T ~ N(0, 1) while q(x_T) has mean √ᾱ_T μ ≈ 0.003.
-@pytest.mark.parametrize("name,sd_tol", [("ddim", 0.01), ("dpm_solver_pp", 0.005),
-                                         ("heun", 0.002)])
+@pytest.mark.parametrize("name,sd_tol", [("ddim", 0.01), ("dpm_solver_pp", 0.005), ("heun", 0.002)])
 @pytest.mark.parametrize("spacing", samplers.SPACINGS)
 def test_deterministic_samplers_converge_to_the_data(name, sd_tol, spacing):
     errs = [_affine_errors(name, n, spacing) for n in (40, 80, 160)]
@@ -98,29 +111,35 @@ def test_deterministic_samplers_converge_to_the_data(name, sd_tol, spacing):
     assert max(e[1] for e in errs) < 3e-3
 
 
-@pytest.mark.parametrize("name,order,n", [("ddim", 1, 80), ("heun", 2, 40),
-                                          ("dpm_solver_pp", 2, 80)])
+@pytest.mark.parametrize(
+    "name,order,n", [("ddim", 1, 80), ("heun", 2, 40), ("dpm_solver_pp", 2, 80)]
+)
 def test_convergence_order(name, order, n):
     """Halving the step size divides the error by ~2^order (uniform spacing, n → 2n steps, in
     the asymptotic range: DPM-Solver++ reaches it late, as its λ-steps near t = 0 are large)."""
     sd = [_affine_errors(name, k)[0] for k in (n, 2 * n)]
     ratio = sd[0] / sd[1]
-    assert 2 ** order * 0.75 < ratio < 2 ** order * 1.6, sd
+    assert 2**order * 0.75 < ratio < 2**order * 1.6, sd
 
 
 @pytest.mark.parametrize("name", ["ddim", "dpm_solver_pp", "heun", "ddpm"])
 @pytest.mark.parametrize("target", ["x0", "v"])
 def test_every_parameterization_gives_the_same_samples(name, target):
     x_T = jax.random.normal(jax.random.key(0), (4, 2, 2, 1))
-    np.testing.assert_allclose(_run(name, 12, target=target, x_T=x_T),
-                               _run(name, 12, target="eps", x_T=x_T), atol=2e-4)
+    np.testing.assert_allclose(
+        _run(name, 12, target=target, x_T=x_T), _run(name, 12, target="eps", x_T=x_T), atol=2e-4
+    )
 
 
-@pytest.mark.parametrize("name,kw", [("ddpm", dict(variance="beta")),
-                                     ("ddpm", dict(variance="posterior")),
-                                     ("ddpm", dict(pred=samplers.Prediction(
-                                         clip_x0=False, learned_variance=True))),
-                                     ("ddim", dict(eta=1.0))])
+@pytest.mark.parametrize(
+    "name,kw",
+    [
+        ("ddpm", dict(variance="beta")),
+        ("ddpm", dict(variance="posterior")),
+        ("ddpm", dict(pred=samplers.Prediction(clip_x0=False, learned_variance=True))),
+        ("ddim", dict(eta=1.0)),
+    ],
+)
 def test_stochastic_samplers_recover_gaussian_data(name, kw):
     x_T = jax.random.normal(jax.random.key(0), (4000, 1, 1, 2))
     out = _run(name, 1000, x_T=x_T, key=1, **kw).ravel()
@@ -167,8 +186,9 @@ def test_ddim_inversion_round_trip():
         table = samplers.timestep_table(S.num_steps, n, "uniform")
         model = gaussian_model(S)
         z = samplers.ddim_invert(model, S, x0, table, np.int32(n), pred=UNCLIPPED)
-        back = samplers.ddim_sample(model, S, z, jax.random.key(0), table, np.int32(n),
-                                    pred=UNCLIPPED)
+        back = samplers.ddim_sample(
+            model, S, z, jax.random.key(0), table, np.int32(n), pred=UNCLIPPED
+        )
         errors.append(float(jnp.sqrt(jnp.mean(jnp.square(back - x0)))))
     # The inversion is the η = 0 map run backwards with a one-step lag: first-order error
     # (RMS 0.041 at 50 steps, 0.0105 at 200).
@@ -179,8 +199,9 @@ def test_ddim_inversion_round_trip():
 
 def test_one_compilation_serves_every_step_count_and_eta(compiles):
     mesh = sharding.make_mesh(8)
-    model = UNet(base_channels=8, channel_mults=(1,), num_res_blocks=1, mid_attention=False,
-                 num_groups=4)
+    model = UNet(
+        base_channels=8, channel_mults=(1,), num_res_blocks=1, mid_attention=False, num_groups=4
+    )
     s = schedules.make_schedule("linear", 30)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32))
     fn = steps.make_sample_fn(model, s, mesh, (8, 4, 4, 1), sampler="ddim", pred=UNCLIPPED)
@@ -205,9 +226,18 @@ def test_zero_terminal_snr_with_v_prediction(name):
     s = schedules.make_schedule("linear", 1000, zero_terminal_snr=True)
     table = samplers.timestep_table(1000, 50, "trailing")
     x_T = jax.random.normal(jax.random.key(0), (4000, 1, 1, 2))
-    out = np.asarray(samplers.SAMPLERS[name](
-        gaussian_model(s, "v"), s, x_T, jax.random.key(1), table, np.int32(50),
-        pred=samplers.Prediction("v", clip_x0=False), variance="posterior")).ravel()
+    out = np.asarray(
+        samplers.SAMPLERS[name](
+            gaussian_model(s, "v"),
+            s,
+            x_T,
+            jax.random.key(1),
+            table,
+            np.int32(50),
+            pred=samplers.Prediction("v", clip_x0=False),
+            variance="posterior",
+        )
+    ).ravel()
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out.mean(), MU, atol=0.02)
     np.testing.assert_allclose(out.std(), SIGMA, rtol=0.2)

@@ -27,8 +27,9 @@ def test_cosine_alpha_bar_matches_paper_formula():
     unclipped = np.asarray(s.betas) < 0.999 - 1e-6
     unclipped = unclipped & (np.cumsum(~unclipped) == 0)  # before the first clipped β
     assert unclipped.sum() > 990
-    np.testing.assert_allclose(np.asarray(s.alpha_bar)[unclipped], expected[unclipped],
-                               rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(s.alpha_bar)[unclipped], expected[unclipped], rtol=2e-5, atol=1e-7
+    )
     assert float(s.betas.max()) <= 0.999 + 1e-6
 
 
@@ -36,8 +37,9 @@ def test_scaled_linear_and_sigmoid():
     s = schedules.make_schedule("scaled_linear", 1000)
     np.testing.assert_allclose(s.betas[0], 0.00085, rtol=1e-5)
     np.testing.assert_allclose(s.betas[-1], 0.012, rtol=1e-5)
-    np.testing.assert_allclose(np.diff(np.sqrt(np.asarray(s.betas, np.float64))).std(), 0,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        np.diff(np.sqrt(np.asarray(s.betas, np.float64))).std(), 0, atol=1e-7
+    )
     g = schedules.make_schedule("sigmoid", 1000)
     sig = lambda z: 1 / (1 + math.exp(-z))
     a = lambda u: (sig(3) - sig(6 * u - 3)) / (sig(3) - sig(-3))
@@ -50,8 +52,11 @@ def test_derived_quantities(name):
     s = schedules.make_schedule(name, 100)
     ab = np.asarray(s.alpha_bar, np.float64)
     np.testing.assert_allclose(s.log_snr, np.log(ab / (1 - ab)), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(s.sqrt_alpha_bar) ** 2 + np.asarray(
-        s.sqrt_one_minus_alpha_bar) ** 2, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(s.sqrt_alpha_bar) ** 2 + np.asarray(s.sqrt_one_minus_alpha_bar) ** 2,
+        1.0,
+        rtol=1e-6,
+    )
 
 
 def test_unknown_schedule_is_a_clear_error():
@@ -74,10 +79,15 @@ def test_q_sample_matches_iterated_one_step_chain():
         # Standard errors: sd/√n for the mean, √(2/n)·var for the variance; allow 5 of them.
         np.testing.assert_allclose(x.mean(0), mean[0], atol=5 * math.sqrt(var.item() / n))
         np.testing.assert_allclose(x.var(0), var.item(), atol=5 * math.sqrt(2 / n) * var.item())
-        xs = schedules.q_sample(s, jnp.broadcast_to(jnp.asarray(x0), (n, 3)),
-                                jnp.full((n,), t), jnp.asarray(rng.standard_normal((n, 3))))
-        np.testing.assert_allclose(np.asarray(xs).mean(0), mean[0],
-                                   atol=5 * math.sqrt(var.item() / n))
+        xs = schedules.q_sample(
+            s,
+            jnp.broadcast_to(jnp.asarray(x0), (n, 3)),
+            jnp.full((n,), t),
+            jnp.asarray(rng.standard_normal((n, 3))),
+        )
+        np.testing.assert_allclose(
+            np.asarray(xs).mean(0), mean[0], atol=5 * math.sqrt(var.item() / n)
+        )
 
 
 def test_posterior_equals_bayes_rule_numerically():
@@ -88,20 +98,20 @@ def test_posterior_equals_bayes_rule_numerically():
     x0, xt = 0.7, -0.4
     for t in (1, 10, 60, 99):
         grid = np.linspace(-8, 8, 200001)
-        log_lik = -(xt - math.sqrt(1 - betas[t]) * grid) ** 2 / (2 * betas[t])
-        log_prior = -(grid - math.sqrt(ab[t - 1]) * x0) ** 2 / (2 * (1 - ab[t - 1]))
+        log_lik = -((xt - math.sqrt(1 - betas[t]) * grid) ** 2) / (2 * betas[t])
+        log_prior = -((grid - math.sqrt(ab[t - 1]) * x0) ** 2) / (2 * (1 - ab[t - 1]))
         w = np.exp(log_lik + log_prior - np.max(log_lik + log_prior))
         w /= w.sum()
         mean_num = np.sum(w * grid)
         var_num = np.sum(w * (grid - mean_num) ** 2)
-        mean, var, log_var = schedules.q_posterior(s, jnp.array([x0]), jnp.array([xt]),
-                                                   jnp.array([t]))
+        mean, var, log_var = schedules.q_posterior(
+            s, jnp.array([x0]), jnp.array([xt]), jnp.array([t])
+        )
         np.testing.assert_allclose(mean[0], mean_num, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(var[0], var_num, rtol=1e-3)
         np.testing.assert_allclose(np.exp(log_var[0]), var_num, rtol=1e-3)
     # At t = 0 the posterior is a point mass at x_0; its log-variance is clipped to β̃ of t = 1.
-    mean, var, log_var = schedules.q_posterior(s, jnp.array([x0]), jnp.array([xt]),
-                                               jnp.array([0]))
+    mean, var, log_var = schedules.q_posterior(s, jnp.array([x0]), jnp.array([xt]), jnp.array([0]))
     np.testing.assert_allclose(mean[0], x0, rtol=1e-6)
     assert float(var[0]) == 0.0
     np.testing.assert_allclose(log_var[0], np.log(s.posterior_variance[1]), rtol=1e-6)
@@ -132,7 +142,7 @@ def _bayes_jumps(betas: np.ndarray, t: np.ndarray, t_s: np.ndarray) -> dict:
     a_lik = np.exp(0.5 * (la_t - la_s))
     clean = t_s < 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        var = np.where(clean, 0.0, 1.0 / (1.0 / var_prior + a_lik ** 2 / var_lik))
+        var = np.where(clean, 0.0, 1.0 / (1.0 / var_prior + a_lik**2 / var_lik))
         coef_x0 = np.where(clean, 1.0, var * np.exp(0.5 * la_s) / var_prior)
         coef_xt = np.where(clean, 0.0, var * a_lik / var_lik)
     return {"beta": var_lik, "posterior_variance": var, "coef_x0": coef_x0, "coef_xt": coef_xt}
@@ -144,9 +154,12 @@ def _naive_transition(s, t, t_s):
     ab = lambda i: jnp.where(i >= 0, s.alpha_bar[jnp.maximum(i, 0)], 1.0)
     ab_t, ab_s = ab(t), ab(t_s)
     beta = 1.0 - ab_t / ab_s
-    return {"beta": beta, "posterior_variance": beta * (1.0 - ab_s) / (1.0 - ab_t),
-            "coef_x0": beta * jnp.sqrt(ab_s) / (1.0 - ab_t),
-            "coef_xt": (1.0 - ab_s) * jnp.sqrt(1.0 - beta) / (1.0 - ab_t)}
+    return {
+        "beta": beta,
+        "posterior_variance": beta * (1.0 - ab_s) / (1.0 - ab_t),
+        "coef_x0": beta * jnp.sqrt(ab_s) / (1.0 - ab_t),
+        "coef_xt": (1.0 - ab_s) * jnp.sqrt(1.0 - beta) / (1.0 - ab_t),
+    }
 
 
 def _jump_tables(T: int):
@@ -160,8 +173,10 @@ def _jump_tables(T: int):
     return np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
 
 
-SCHEDULE_CASES = [(name, False) for name in sorted(schedules.SCHEDULES)] + [("linear", True),
-                                                                          ("cosine", True)]
+SCHEDULE_CASES = [(name, False) for name in sorted(schedules.SCHEDULES)] + [
+    ("linear", True),
+    ("cosine", True),
+]
 
 
 @pytest.mark.parametrize("name,zero_snr", SCHEDULE_CASES)
@@ -176,8 +191,9 @@ def test_sampler_jump_coefficients_are_exact_in_float32(name, zero_snr):
     want = _bayes_jumps(np.asarray(betas, np.float64), t, t_s)
     got = schedules.transition(s, jnp.asarray(t), jnp.asarray(t_s))
     for key, value in want.items():
-        np.testing.assert_allclose(np.asarray(got[key], np.float64), value, rtol=0, atol=1e-6,
-                                   err_msg=f"{key}, {name}")
+        np.testing.assert_allclose(
+            np.asarray(got[key], np.float64), value, rtol=0, atol=1e-6, err_msg=f"{key}, {name}"
+        )
         assert np.asarray(got[key]).dtype == np.float32
     if not zero_snr:  # the test can fail: the plain float32 formulas are 1e-5 … 1e-4 off
         naive = _naive_transition(s, jnp.asarray(t), jnp.asarray(t_s))

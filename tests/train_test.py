@@ -8,8 +8,14 @@ from configs import digits
 from diffjax import schedules, sharding, steps, train
 from diffjax.models.unet import UNet
 
-MODEL = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
-             num_groups=8, dropout=0.1)
+MODEL = dict(
+    base_channels=32,
+    channel_mults=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    num_groups=8,
+    dropout=0.1,
+)
 
 
 def _setup(data, fsdp=1, *, grad_accum_steps=1, **model_kw):
@@ -18,17 +24,28 @@ def _setup(data, fsdp=1, *, grad_accum_steps=1, **model_kw):
     tx = steps.make_optimizer(1e-3, 2, 0.0, 0.9, 0.999, 1.0)
     shape = (8, 8, 1)
     abstract = steps.abstract_train_state(model, tx, shape, mesh, num_timesteps=100)
-    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh,
-                                     num_timesteps=100)
-    step = steps.make_train_step(model, schedules.make_schedule("linear", 100), tx, mesh,
-                                 abstract, ema_decay=0.99, grad_accum_steps=grad_accum_steps)
+    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh, num_timesteps=100)
+    step = steps.make_train_step(
+        model,
+        schedules.make_schedule("linear", 100),
+        tx,
+        mesh,
+        abstract,
+        ema_decay=0.99,
+        grad_accum_steps=grad_accum_steps,
+    )
     return mesh, state, step
 
 
 def _batches(n):
     rng = np.random.default_rng(0)
-    return [{"image": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32),
-             "label": np.zeros(16, np.int32)} for _ in range(n)]
+    return [
+        {
+            "image": rng.uniform(-1, 1, (16, 8, 8, 1)).astype(np.float32),
+            "label": np.zeros(16, np.int32),
+        }
+        for _ in range(n)
+    ]
 
 
 def _run(data, fsdp=1, n_batches=3, **kw):
@@ -84,6 +101,7 @@ def test_every_mesh_layout_matches_one_device(data, fsdp, one_device, compiles):
             assert _bytes_per_device(part) < 1.2 / fsdp, _bytes_per_device(part)
 
 
+@pytest.mark.slow  # the slow tier: `pytest -m slow`, CI's second step
 def test_gradient_accumulation_equals_the_whole_batch(one_device):
     # Dropout draws its masks per microbatch, so compare without it.
     whole = _run(8, dropout=0.0)
@@ -98,9 +116,11 @@ def test_remat_does_not_change_the_training(one_device):
 def test_bfloat16_compute_trains_with_float32_state():
     state, losses, _ = _run(8, dtype=jax.numpy.bfloat16)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] * 1.5
-    assert all(x.dtype == np.float32 for x in jax.tree.leaves((state.params, state.opt_state,
-                                                               state.ema_params))
-               if np.issubdtype(x.dtype, np.floating))
+    assert all(
+        x.dtype == np.float32
+        for x in jax.tree.leaves((state.params, state.opt_state, state.ema_params))
+        if np.issubdtype(x.dtype, np.floating)
+    )
 
 
 def test_ema_tracks_params_with_warmup():
@@ -108,34 +128,38 @@ def test_ema_tracks_params_with_warmup():
     before = [np.asarray(p) for p in jax.tree.leaves(state.params)]  # the state is donated
     new, _ = step(state, sharding.global_batch(_batches(1)[0], mesh), jax.random.key(1))
     # At step 0 the warm-up decay is min(0.99, 1/10) = 0.1: ema = 0.1·old + 0.9·new params.
-    for e, p, o in zip(jax.tree.leaves(new.ema_params), jax.tree.leaves(new.params), before,
-                       strict=True):
+    for e, p, o in zip(
+        jax.tree.leaves(new.ema_params), jax.tree.leaves(new.params), before, strict=True
+    ):
         np.testing.assert_allclose(e, 0.1 * o + 0.9 * np.asarray(p), atol=1e-6)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("data.image_size", 10, "data.image_size: 10 must be a positive multiple of"),
-    ("train.batch_size", 12, "train.batch_size: 12 must be a positive multiple of the 8"),
-    ("diffusion.schedule", "cosin", "diffusion.schedule: unknown 'cosin'"),
-    ("diffusion.target", "score", "diffusion.target"),
-    ("model.attention_resolutions", (3,), "model.attention_resolutions"),
-    ("model.num_groups", 5, "model.num_groups"),
-    ("sampler.variance", "big", "sampler.variance"),
-    ("sampler.name", "euler", "sampler.name: unknown 'euler'"),
-    ("sampler.steps", 2000, r"sampler.steps: 2000 must be in \[1, diffusion.num_steps=1000\]"),
-    ("sampler.spacing", "log", "sampler.spacing"),
-    ("sampler.eta", 1.5, "sampler.eta"),
-    ("sampler.dynamic_threshold", 1.5, "sampler.dynamic_threshold"),
-    ("diffusion.loss", "kl", "diffusion.loss: unknown 'kl'"),
-    ("diffusion.t_sampling", "importance", "diffusion.t_sampling: importance sampling"),
-    ("diffusion.zero_terminal_snr", True, "diffusion.zero_terminal_snr: ε-prediction"),
-    ("diffusion.loss", "hybrid", "diffusion.loss: 'hybrid' trains the learned variance"),
-    ("diffusion.learned_variance", True, "diffusion.learned_variance: L_simple never trains"),
-    ("train.num_samples", 0, "train.num_samples"),
-    ("mesh.data", 9, "mesh.data"),
-    ("mesh.fsdp", 3, "mesh.fsdp: 3 must be >= 1 and divide the 8 devices"),
-    ("train.grad_accum_steps", 3, "train.grad_accum_steps: 3 microbatches"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("data.image_size", 10, "data.image_size: 10 must be a positive multiple of"),
+        ("train.batch_size", 12, "train.batch_size: 12 must be a positive multiple of the 8"),
+        ("diffusion.schedule", "cosin", "diffusion.schedule: unknown 'cosin'"),
+        ("diffusion.target", "score", "diffusion.target"),
+        ("model.attention_resolutions", (3,), "model.attention_resolutions"),
+        ("model.num_groups", 5, "model.num_groups"),
+        ("sampler.variance", "big", "sampler.variance"),
+        ("sampler.name", "euler", "sampler.name: unknown 'euler'"),
+        ("sampler.steps", 2000, r"sampler.steps: 2000 must be in \[1, diffusion.num_steps=1000\]"),
+        ("sampler.spacing", "log", "sampler.spacing"),
+        ("sampler.eta", 1.5, "sampler.eta"),
+        ("sampler.dynamic_threshold", 1.5, "sampler.dynamic_threshold"),
+        ("diffusion.loss", "kl", "diffusion.loss: unknown 'kl'"),
+        ("diffusion.t_sampling", "importance", "diffusion.t_sampling: importance sampling"),
+        ("diffusion.zero_terminal_snr", True, "diffusion.zero_terminal_snr: ε-prediction"),
+        ("diffusion.loss", "hybrid", "diffusion.loss: 'hybrid' trains the learned variance"),
+        ("diffusion.learned_variance", True, "diffusion.learned_variance: L_simple never trains"),
+        ("train.num_samples", 0, "train.num_samples"),
+        ("mesh.data", 9, "mesh.data"),
+        ("mesh.fsdp", 3, "mesh.fsdp: 3 must be >= 1 and divide the 8 devices"),
+        ("train.grad_accum_steps", 3, "train.grad_accum_steps: 3 microbatches"),
+    ],
+)
 def test_bad_config_values_name_the_field(field, value, match):
     config = digits.get_config()
     section, key = field.split(".")
@@ -169,12 +193,18 @@ def test_digits_configs_are_valid():
 def test_sample_grids_reuse_one_compiled_sampler(tmp_path, compiles):
     config = digits.get_config("tiny")
     setup = train.Setup(config)
-    state = steps.create_train_state(setup.model, setup.tx, setup.image_shape, setup.init_key,
-                                     setup.mesh, num_timesteps=setup.schedule.num_steps)
-    grid = lambda i: train.write_samples(setup, state.ema_params, 20, setup.sample_key,
-                                         str(tmp_path / f"grid_{i}.png"))
+    state = steps.create_train_state(
+        setup.model,
+        setup.tx,
+        setup.image_shape,
+        setup.init_key,
+        setup.mesh,
+        num_timesteps=setup.schedule.num_steps,
+    )
+    grid = lambda i: train.write_samples(
+        setup, state.ema_params, 20, setup.sample_key, str(tmp_path / f"grid_{i}.png")
+    )
     grid(0)
     with compiles.none_expected("the second grid"):
         images = grid(1)
     assert images.shape == (20, 8, 8, 1) and (tmp_path / "grid_1.png").exists()
-

@@ -10,8 +10,11 @@ from diffjax.models.unet import UNet
 
 
 def n_params(model, shape, **kw):
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape),
-                                                  jnp.zeros(shape[:1], jnp.int32), **kw))
+    variables = jax.eval_shape(
+        lambda: model.init(
+            jax.random.key(0), jnp.zeros(shape), jnp.zeros(shape[:1], jnp.int32), **kw
+        )
+    )
     return sum(x.size for x in jax.tree.leaves(variables["params"]))
 
 
@@ -21,8 +24,14 @@ def test_ddpm_cifar10_parameter_count():
 
 
 def test_small_benchmark_network_parameter_count():
-    model = UNet(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1,
-                 attention_resolutions=(8,), head_dim=8, dropout=0.0)
+    model = UNet(
+        base_channels=32,
+        channel_mults=(1, 2, 2),
+        num_res_blocks=1,
+        attention_resolutions=(8,),
+        head_dim=8,
+        dropout=0.0,
+    )
     assert n_params(model, (1, 16, 16, 1)) == 1_112_801  # diffusers' count for this design
 
 
@@ -36,18 +45,26 @@ def test_timestep_embedding_formula():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1,
-                attention_resolutions=(4,), num_groups=8, dropout=0.1)
+    return dict(
+        base_channels=16,
+        channel_mults=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        num_groups=8,
+        dropout=0.1,
+    )
 
 
 def test_shapes_conditioning_and_dropout(tiny):
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     t = jnp.array([3, 500])
     model = UNet(**tiny, num_classes=10, out_channels=6)
-    params = model.init(jax.random.key(1), x, t, label=jnp.array([1, 10]),
-                        concat=jnp.zeros((2, 8, 8, 2)))["params"]
-    out = model.apply({"params": params}, x, t, label=jnp.array([1, 10]),
-                      concat=jnp.ones((2, 8, 8, 2)))
+    params = model.init(
+        jax.random.key(1), x, t, label=jnp.array([1, 10]), concat=jnp.zeros((2, 8, 8, 2))
+    )["params"]
+    out = model.apply(
+        {"params": params}, x, t, label=jnp.array([1, 10]), concat=jnp.ones((2, 8, 8, 2))
+    )
     assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32
     # Dropout is active only with train=True, and then depends on the dropout key.
     kw = dict(label=jnp.array([1, 2]), concat=jnp.ones((2, 8, 8, 2)))
@@ -80,7 +97,8 @@ def test_attention_block_matches_numpy_reference(head_dim):
     block = AttentionBlock(head_dim=head_dim, num_groups=groups)
     params = block.init(jax.random.key(0), x)["params"]
     params = jax.tree.map(  # the output projection starts at ~0: give it real values
-        lambda p: np.random.default_rng(1).standard_normal(p.shape).astype(np.float32), params)
+        lambda p: np.random.default_rng(1).standard_normal(p.shape).astype(np.float32), params
+    )
     out = np.asarray(block.apply({"params": params}, x), np.float64)
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -108,20 +126,23 @@ def test_group_norm_matches_numpy_and_flax_gradients():
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((2, 4, 4, 12)) * 3 + 5).astype(np.float32)  # offset: E[x²] - E[x]²
-    params = {"scale": rng.standard_normal(12).astype(np.float32),
-              "bias": rng.standard_normal(12).astype(np.float32)}
+    params = {
+        "scale": rng.standard_normal(12).astype(np.float32),
+        "bias": rng.standard_normal(12).astype(np.float32),
+    }
     out = GroupNorm(4, 1e-6).apply({"params": params}, x)
     g = x.astype(np.float64).reshape(2, 16, 4, 3)
     g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + 1e-6)
-    np.testing.assert_allclose(out, g.reshape(x.shape) * params["scale"] + params["bias"],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        out, g.reshape(x.shape) * params["scale"] + params["bias"], rtol=1e-4, atol=1e-4
+    )
 
     r = rng.standard_normal(x.shape).astype(np.float32)
-    grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * r),
-                              argnums=(0, 1))(params, x)
+    grad = lambda m: jax.grad(lambda p, x: jnp.sum(m.apply({"params": p}, x) * r), argnums=(0, 1))(
+        params, x
+    )
     ours, ref = grad(GroupNorm(4, 1e-6)), grad(nn.GroupNorm(4, epsilon=1e-6))
     for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not divisible"):
         GroupNorm(5).init(jax.random.key(0), x)
-

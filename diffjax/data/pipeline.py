@@ -112,8 +112,7 @@ class TrainIterator:
     data). Version-1 states (batch positions only) are read too.
     """
 
-    def __init__(self, examples: grain.MapDataset, batch: int, identity: dict,
-                 worker_count: int):
+    def __init__(self, examples: grain.MapDataset, batch: int, identity: dict, worker_count: int):
         self._examples = examples
         self._batch = batch
         self._identity = identity

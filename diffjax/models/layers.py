@@ -29,7 +29,8 @@ def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array
 def conv2d(x: Array, kernel: Array, stride: int, padding: Padding) -> Array:
     """2-D convolution, NHWC input and HWIO kernel."""
     return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 class Conv(nn.Module):
@@ -46,8 +47,9 @@ class Conv(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         k = self.kernel_size
-        kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), self.param_dtype
+        )
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         return conv2d(x, kernel, self.stride, self.padding) + bias
@@ -169,8 +171,13 @@ class Downsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        return Conv(x.shape[-1], stride=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
-                    param_dtype=self.param_dtype)(x)
+        return Conv(
+            x.shape[-1],
+            stride=2,
+            padding=((0, 1), (0, 1)),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )(x)
 
 
 class Upsample(nn.Module):

@@ -58,9 +58,16 @@ class UNet(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, *, label: Array | None = None,
-                 concat: Array | None = None, context: Array | None = None,
-                 train: bool = False) -> Array:
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        *,
+        label: Array | None = None,
+        concat: Array | None = None,
+        context: Array | None = None,
+        train: bool = False,
+    ) -> Array:
         """Predicts the target for a noisy batch.
 
         Args:
@@ -86,8 +93,7 @@ class UNet(nn.Module):
             index = counts[cls.__name__] = counts.get(cls.__name__, -1) + 1
             if self.remat:
                 cls = nn.remat(cls, static_argnums=static_argnums)
-            return cls(*args, **block_kw, name=f"{cls.__name__.removeprefix('Checkpoint')}_"
-                       f"{index}")
+            return cls(*args, **block_kw, name=f"{cls.__name__.removeprefix('Checkpoint')}_{index}")
 
         attn = lambda h: block(AttentionBlock, self.head_dim)(h)
         # static_argnums counts self: (self, x, temb, train) → train is 3.

@@ -27,10 +27,14 @@ from diffjax import steps
 from diffjax.models.layers import GroupNorm, attention
 
 # (what, shape): activations normalised in the ddpm-cifar (batch 16) and small (batch 64) networks.
-NORM_SHAPES = [("ddpm-cifar 32x32x128", (16, 32, 32, 128)),
-               ("ddpm-cifar 32x32x384", (16, 32, 32, 384)),
-               ("ddpm-cifar 16x16x256", (16, 16, 16, 256)), ("small 16x16x32", (64, 16, 16, 32)),
-               ("small 16x16x96", (64, 16, 16, 96)), ("small 8x8x64", (64, 8, 8, 64))]
+NORM_SHAPES = [
+    ("ddpm-cifar 32x32x128", (16, 32, 32, 128)),
+    ("ddpm-cifar 32x32x384", (16, 32, 32, 384)),
+    ("ddpm-cifar 16x16x256", (16, 16, 16, 256)),
+    ("small 16x16x32", (64, 16, 16, 32)),
+    ("small 16x16x96", (64, 16, 16, 96)),
+    ("small 8x8x64", (64, 8, 8, 64)),
+]
 # (what, [B·heads, L, d]): one head of 256 at 16x16 (ddpm-cifar), 8 heads of 8 at 8x8 (small).
 ATTN_SHAPES = [("ddpm-cifar 16x16, 1 head", (16, 256, 256)), ("small 8x8, 8 heads", (512, 64, 8))]
 
@@ -44,9 +48,11 @@ def weights_first(q, k, v):
 def _fwd_bwd(f, n_args):
     """Compiled (args..., cotangent) -> f's output and its vector-Jacobian product with respect to
     all n_args arguments: one forward and one backward pass."""
+
     def run(*args):
         out, vjp = jax.vjp(f, *args[:n_args])
         return out, vjp(args[n_args])
+
     return jax.jit(run, compiler_options=steps.compiler_options())
 
 
@@ -70,31 +76,43 @@ def main() -> int:
     rng = np.random.default_rng(0)
     opts = steps.compiler_options()
 
-    print("| GroupNorm (32 groups) | flax fwd ms | diffjax fwd ms | speed-up | flax fwd+bwd ms | "
-          "diffjax fwd+bwd ms | speed-up |\n|" + "---|" * 7)
+    print(
+        "| GroupNorm (32 groups) | flax fwd ms | diffjax fwd ms | speed-up | flax fwd+bwd ms | "
+        "diffjax fwd+bwd ms | speed-up |\n|" + "---|" * 7
+    )
     for what, shape in NORM_SHAPES:
         x = jnp.asarray(rng.standard_normal(shape, np.float32))
         c = shape[-1]
         params = {"scale": jnp.ones((c,)), "bias": jnp.zeros((c,))}
         mods = nn.GroupNorm(32, epsilon=1e-6), GroupNorm(32, 1e-6)
-        fwd = [jax.jit(lambda p, x, m=m: m.apply({"params": p}, x), compiler_options=opts)
-               for m in mods]
+        fwd = [
+            jax.jit(lambda p, x, m=m: m.apply({"params": p}, x), compiler_options=opts)
+            for m in mods
+        ]
         both = [_fwd_bwd(lambda p, x, m=m: m.apply({"params": p}, x), 2) for m in mods]
         f0, f1 = _pair(*fwd, (params, x), args.reps)
         b0, b1 = _pair(*both, (params, x, x[..., ::-1]), args.reps)
-        print(f"| {what} | {f0 * 1e3:.2f} | {f1 * 1e3:.2f} | {f0 / f1:.2f}x | {b0 * 1e3:.2f} | "
-              f"{b1 * 1e3:.2f} | {b0 / b1:.2f}x |", flush=True)
+        print(
+            f"| {what} | {f0 * 1e3:.2f} | {f1 * 1e3:.2f} | {f0 / f1:.2f}x | {b0 * 1e3:.2f} | "
+            f"{b1 * 1e3:.2f} | {b0 / b1:.2f}x |",
+            flush=True,
+        )
 
-    print("\n| attention | weights first fwd ms | diffjax fwd ms | speed-up | weights first "
-          "fwd+bwd ms | diffjax fwd+bwd ms | speed-up |\n|" + "---|" * 7)
+    print(
+        "\n| attention | weights first fwd ms | diffjax fwd ms | speed-up | weights first "
+        "fwd+bwd ms | diffjax fwd+bwd ms | speed-up |\n|" + "---|" * 7
+    )
     for what, shape in ATTN_SHAPES:
         q, k, v = (jnp.asarray(rng.standard_normal(shape, np.float32)) for _ in range(3))
         fwd = [jax.jit(f, compiler_options=opts) for f in (weights_first, attention)]
         both = [_fwd_bwd(f, 3) for f in (weights_first, attention)]
         f0, f1 = _pair(*fwd, (q, k, v), args.reps)
         b0, b1 = _pair(*both, (q, k, v, v[..., ::-1] if shape[-1] > 1 else v), args.reps)
-        print(f"| {what} | {f0 * 1e3:.2f} | {f1 * 1e3:.2f} | {f0 / f1:.2f}x | {b0 * 1e3:.2f} | "
-              f"{b1 * 1e3:.2f} | {b0 / b1:.2f}x |", flush=True)
+        print(
+            f"| {what} | {f0 * 1e3:.2f} | {f1 * 1e3:.2f} | {f0 / f1:.2f}x | {b0 * 1e3:.2f} | "
+            f"{b1 * 1e3:.2f} | {b0 / b1:.2f}x |",
+            flush=True,
+        )
     return 0
 
 

@@ -44,16 +44,31 @@ def worker(case: str, lever: str, steps: int) -> dict:
     spec, opts = CASES[case], dict(LEVERS[lever])
     b, shape = spec["batch"], spec["shape"]
     mesh = sharding.make_mesh(1)
-    model = UNet(**spec["model"], dtype=jnp.dtype(opts.get("dtype", "float32")),
-                 remat=opts.get("remat", False))
+    model = UNet(
+        **spec["model"],
+        dtype=jnp.dtype(opts.get("dtype", "float32")),
+        remat=opts.get("remat", False),
+    )
     tx = steps_lib.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 1.0)
-    state = steps_lib.create_train_state(model, tx, shape, jax.random.key(0), mesh,
-                                         num_timesteps=1000)
+    state = steps_lib.create_train_state(
+        model, tx, shape, jax.random.key(0), mesh, num_timesteps=1000
+    )
     abstract = steps_lib.abstract_train_state(model, tx, shape, mesh, num_timesteps=1000)
-    step = steps_lib.make_train_step(model, schedules.make_schedule("linear", 1000), tx, mesh,
-                                     abstract, grad_accum_steps=opts.get("grad_accum_steps", 1))
-    batch = sharding.global_batch({"image": np.random.default_rng(0).uniform(
-        -1, 1, (b, *shape)).astype(np.float32), "label": np.zeros(b, np.int32)}, mesh)
+    step = steps_lib.make_train_step(
+        model,
+        schedules.make_schedule("linear", 1000),
+        tx,
+        mesh,
+        abstract,
+        grad_accum_steps=opts.get("grad_accum_steps", 1),
+    )
+    batch = sharding.global_batch(
+        {
+            "image": np.random.default_rng(0).uniform(-1, 1, (b, *shape)).astype(np.float32),
+            "label": np.zeros(b, np.int32),
+        },
+        mesh,
+    )
     key = jax.random.key(1)
     mem = step.lower(state, batch, key).compile().memory_analysis()
     holder = {"state": state}
@@ -63,11 +78,17 @@ def worker(case: str, lever: str, steps: int) -> dict:
         return metrics["loss"]
 
     median, _ = _timed(run, steps, 1)
-    return dict(case=case, lever=lever, batch=b, median_s=median, images_per_s=b / median,
-                temp_mib=getattr(mem, "temp_size_in_bytes", 0) / 2**20,
-                argument_mib=getattr(mem, "argument_size_in_bytes", 0) / 2**20,
-                loss=float(run()),
-                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(
+        case=case,
+        lever=lever,
+        batch=b,
+        median_s=median,
+        images_per_s=b / median,
+        temp_mib=getattr(mem, "temp_size_in_bytes", 0) / 2**20,
+        argument_mib=getattr(mem, "argument_size_in_bytes", 0) / 2**20,
+        loss=float(run()),
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
 
 
 def main() -> int:
@@ -82,11 +103,18 @@ def main() -> int:
         return 0
     rows = []
     for lever in args.levers.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--case", args.case, "--steps",
-               str(args.steps), "--_worker", lever]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--case",
+            args.case,
+            "--steps",
+            str(args.steps),
+            "--_worker",
+            lever,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        found = [json.loads(x[len(MARK):]) for x in proc.stdout.splitlines()
-                 if x.startswith(MARK)]
+        found = [json.loads(x[len(MARK) :]) for x in proc.stdout.splitlines() if x.startswith(MARK)]
         if not found:
             print(f"{lever} failed: {proc.stderr.strip().splitlines()[-3:]}", file=sys.stderr)
             continue
@@ -96,8 +124,10 @@ def main() -> int:
     print("| lever | XLA temp buffers (MiB) | arguments (MiB) | peak RSS (MiB) | s/step | img/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['lever']} | {r['temp_mib']:.0f} | {r['argument_mib']:.0f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['median_s']:.3f} | {r['images_per_s']:.1f} |")
+        print(
+            f"| {r['lever']} | {r['temp_mib']:.0f} | {r['argument_mib']:.0f} | "
+            f"{r['peak_rss_mib']:.0f} | {r['median_s']:.3f} | {r['images_per_s']:.1f} |"
+        )
     return 0
 
 

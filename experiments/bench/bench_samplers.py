@@ -58,13 +58,17 @@ def main() -> None:
     bare_loop = jax.jit(loop, compiler_options=opts)
     n = np.int32(args.steps)
     table = samplers.timestep_table(1000, args.steps, "uniform", 1000)
-    cands = {"forward (1 jitted call)": (lambda: forward(params, x), 1),
-             "loop of forwards": (lambda: bare_loop(params, x, n), args.steps)}
+    cands = {
+        "forward (1 jitted call)": (lambda: forward(params, x), 1),
+        "loop of forwards": (lambda: bare_loop(params, x, n), args.steps),
+    }
     for name in samplers.SAMPLERS:
         fn = steps.make_sample_fn(model, s, mesh, shape, sampler=name)
         calls = samplers.network_calls(name, args.steps)
-        cands[name] = ((lambda fn=fn: fn(params, jax.random.key(2), table, n, np.float32(0))),
-                       calls)
+        cands[name] = (
+            (lambda fn=fn: fn(params, jax.random.key(2), table, n, np.float32(0))),
+            calls,
+        )
     for f, _ in cands.values():  # compile and warm up
         _time(f)
     times = {k: [] for k in cands}
@@ -73,14 +77,17 @@ def main() -> None:
             times[k].append(_time(f) / calls)
     base = statistics.median(times["loop of forwards"])
     fwd = statistics.median(times["forward (1 jitted call)"])
-    print(f"digits U-Net, batch {args.batch}, {args.steps} steps, {jax.device_count()} device(s), "
-          f"{jax.default_backend()}; medians of {args.rounds} rounds\n")
+    print(
+        f"digits U-Net, batch {args.batch}, {args.steps} steps, {jax.device_count()} device(s), "
+        f"{jax.default_backend()}; medians of {args.rounds} rounds\n"
+    )
     print("| program | ms per network call | vs loop of forwards | vs one forward call |")
     print("|---|---|---|---|")
     for k in cands:
         m = statistics.median(times[k])
-        print(f"| {k} | {1000 * m:.2f} | {100 * (m / base - 1):+.1f}% | "
-              f"{100 * (m / fwd - 1):+.1f}% |")
+        print(
+            f"| {k} | {1000 * m:.2f} | {100 * (m / base - 1):+.1f}% | {100 * (m / fwd - 1):+.1f}% |"
+        )
 
 
 if __name__ == "__main__":

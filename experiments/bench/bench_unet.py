@@ -28,12 +28,32 @@ import sys
 import time
 
 CASES = {
-    "ddpm-cifar": dict(batch=16, shape=(32, 32, 3), model=dict(
-        base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
-        attention_resolutions=(16,), head_dim=None, dropout=0.1, norm_eps=1e-6)),
-    "small": dict(batch=64, shape=(16, 16, 1), model=dict(
-        base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
-        head_dim=8, dropout=0.0, norm_eps=1e-5)),
+    "ddpm-cifar": dict(
+        batch=16,
+        shape=(32, 32, 3),
+        model=dict(
+            base_channels=128,
+            channel_mults=(1, 2, 2, 2),
+            num_res_blocks=2,
+            attention_resolutions=(16,),
+            head_dim=None,
+            dropout=0.1,
+            norm_eps=1e-6,
+        ),
+    ),
+    "small": dict(
+        batch=64,
+        shape=(16, 16, 1),
+        model=dict(
+            base_channels=32,
+            channel_mults=(1, 2, 2),
+            num_res_blocks=1,
+            attention_resolutions=(8,),
+            head_dim=8,
+            dropout=0.0,
+            norm_eps=1e-5,
+        ),
+    ),
 }
 MARK = "@@BENCH@@"
 
@@ -53,8 +73,9 @@ def _timed(fn, steps: int, warmup: int) -> tuple[float, float]:
     return statistics.median(times), first
 
 
-def worker(case: str, mode: str, timed: int, warmup: int, sample_steps: int, dtype: str,
-           devices: int = 1) -> dict:
+def worker(
+    case: str, mode: str, timed: int, warmup: int, sample_steps: int, dtype: str, devices: int = 1
+) -> dict:
     import jax
 
     if devices > 1:  # CPU: this many XLA devices in one process, the batch split over them
@@ -70,17 +91,29 @@ def worker(case: str, mode: str, timed: int, warmup: int, sample_steps: int, dty
     mesh = sharding.make_mesh(jax.device_count())
     model = UNet(**spec["model"], dtype=jnp.dtype(dtype))
     tx = steps.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 0.0)
-    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh,
-                                     num_timesteps=1000)
+    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh, num_timesteps=1000)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    out = dict(case=case, mode=mode, batch=b, params=n_params, dtype=dtype,
-               devices=jax.device_count(), backend=jax.default_backend())
+    out = dict(
+        case=case,
+        mode=mode,
+        batch=b,
+        params=n_params,
+        dtype=dtype,
+        devices=jax.device_count(),
+        backend=jax.default_backend(),
+    )
     if mode == "train":
         abstract = steps.abstract_train_state(model, tx, shape, mesh, num_timesteps=1000)
-        step = steps.make_train_step(model, schedules.make_schedule("linear", 1000), tx, mesh,
-                                     abstract)
-        batch = sharding.global_batch({"image": np.random.default_rng(0).uniform(
-            -1, 1, (b, *shape)).astype(np.float32), "label": np.zeros(b, np.int32)}, mesh)
+        step = steps.make_train_step(
+            model, schedules.make_schedule("linear", 1000), tx, mesh, abstract
+        )
+        batch = sharding.global_batch(
+            {
+                "image": np.random.default_rng(0).uniform(-1, 1, (b, *shape)).astype(np.float32),
+                "label": np.zeros(b, np.int32),
+            },
+            mesh,
+        )
         holder = {"state": state}
 
         def run():
@@ -93,26 +126,47 @@ def worker(case: str, mode: str, timed: int, warmup: int, sample_steps: int, dty
         sched = schedules.make_schedule("linear", sample_steps)
         fn = steps.make_sample_fn(model, sched, mesh, (b, *shape))
         table = samplers.timestep_table(sample_steps, sample_steps)
-        median, first = _timed(lambda: fn(state.ema_params, jax.random.key(2), table,
-                                          np.int32(sample_steps), np.float32(0.0)),
-                               max(1, timed // 3), 1)
-        out.update(median_s=median / sample_steps, full_1000_step_sample_s=median /
-                   sample_steps * 1000, warmup_s=first)
+        median, first = _timed(
+            lambda: fn(
+                state.ema_params, jax.random.key(2), table, np.int32(sample_steps), np.float32(0.0)
+            ),
+            max(1, timed // 3),
+            1,
+        )
+        out.update(
+            median_s=median / sample_steps,
+            full_1000_step_sample_s=median / sample_steps * 1000,
+            warmup_s=first,
+        )
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
 
 def _child(args, case, mode) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", case, mode, "--steps",
-           str(args.steps), "--warmup", str(args.warmup), "--sample-steps",
-           str(args.sample_steps), "--dtype", args.dtype, "--devices", str(args.devices)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--_worker",
+        case,
+        mode,
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--sample-steps",
+        str(args.sample_steps),
+        "--dtype",
+        args.dtype,
+        "--devices",
+        str(args.devices),
+    ]
     env = dict(os.environ)
     if args.ynn_fusion:
         env["DIFFJAX_CPU_YNN_FUSION"] = args.ynn_fusion
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
-            return json.loads(line[len(MARK):])
+            return json.loads(line[len(MARK) :])
     return dict(case=case, mode=mode, error=proc.stderr.strip().splitlines()[-3:])
 
 
@@ -136,18 +190,26 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sample-steps", type=int, default=20, help="steps of the timed sampler loop")
     ap.add_argument("--dtype", default="float32", help="compute dtype: float32 or bfloat16")
-    ap.add_argument("--devices", type=int, default=1,
-                    help="CPU: XLA devices in the process (a mesh over them splits the batch); "
-                         "on a 2-core machine 2 devices sample faster than 1")
+    ap.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="CPU: XLA devices in the process (a mesh over them splits the batch); "
+        "on a 2-core machine 2 devices sample faster than 1",
+    )
     ap.add_argument("--peer-json", default=None, help="diffusers_cpu_bench.py --json output")
-    ap.add_argument("--ynn-fusion", default=None,
-                    help="CPU: override diffjax's YNNPACK fusion list ('default' = XLA's)")
+    ap.add_argument(
+        "--ynn-fusion",
+        default=None,
+        help="CPU: override diffjax's YNNPACK fusion list ('default' = XLA's)",
+    )
     ap.add_argument("--json", action="store_true", help="also print one JSON line per result")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker:
-        res = worker(*args._worker, args.steps, args.warmup, args.sample_steps, args.dtype,
-                     args.devices)
+        res = worker(
+            *args._worker, args.steps, args.warmup, args.sample_steps, args.dtype, args.devices
+        )
         print(MARK + json.dumps(res), flush=True)
         return 0
 
@@ -162,23 +224,31 @@ def main() -> int:
                 print(json.dumps(r))
         rows.append((case, tr, sa))
 
-    head = ("| case | devices | batch | params | train s/step | train img/s | sample s/step | "
-            "peak RSS train (MiB) | peak RSS sample (MiB) |")
+    head = (
+        "| case | devices | batch | params | train s/step | train img/s | sample s/step | "
+        "peak RSS train (MiB) | peak RSS sample (MiB) |"
+    )
     print(head + "\n|" + "---|" * 9)
     for case, tr, sa in rows:
-        print(f"| {case} | {tr.get('devices')} | {tr.get('batch')} | {tr.get('params', 0):,} | "
-              f"{tr.get('median_s', float('nan')):.3f} | {tr.get('images_per_s', float('nan')):.1f}"
-              f" | {sa.get('median_s', float('nan')):.4f} | {tr.get('peak_rss_mib', 0):.0f} | "
-              f"{sa.get('peak_rss_mib', 0):.0f} |")
+        print(
+            f"| {case} | {tr.get('devices')} | {tr.get('batch')} | {tr.get('params', 0):,} | "
+            f"{tr.get('median_s', float('nan')):.3f} | {tr.get('images_per_s', float('nan')):.1f}"
+            f" | {sa.get('median_s', float('nan')):.4f} | {tr.get('peak_rss_mib', 0):.0f} | "
+            f"{sa.get('peak_rss_mib', 0):.0f} |"
+        )
     if peer:
-        print("\n| case | peer train img/s | diffjax train img/s | ratio | peer sample s/step | "
-              "diffjax sample s/step | ratio (step rate) |\n|" + "---|" * 7)
+        print(
+            "\n| case | peer train img/s | diffjax train img/s | ratio | peer sample s/step | "
+            "diffjax sample s/step | ratio (step rate) |\n|" + "---|" * 7
+        )
         for case, tr, sa in rows:
             pt, ps = peer.get((case, "train"), {}), peer.get((case, "sample"), {})
             pi, di = pt.get("images_per_s", float("nan")), tr.get("images_per_s", float("nan"))
             pss, dss = ps.get("median_s", float("nan")), sa.get("median_s", float("nan"))
-            print(f"| {case} | {pi:.1f} | {di:.1f} | {di / pi:.2f}x | {pss:.4f} | {dss:.4f} | "
-                  f"{pss / dss:.2f}x |")
+            print(
+                f"| {case} | {pi:.1f} | {di:.1f} | {di / pi:.2f}x | {pss:.4f} | {dss:.4f} | "
+                f"{pss / dss:.2f}x |"
+            )
     return 0
 
 
