@@ -21,10 +21,13 @@ def get_config(arg: str | None = None):
         attention_resolutions=(),
         dropout=0.0,
     )
-    config.optim.update(lr=1e-3, warmup_steps=200, ema_decay=0.999)
+    # A short run wants the rate annealed: warm up for 100 steps, then a cosine decay to 0 at the
+    # last step (FD 2.3 at N = 512 after 1100 steps, against 6.4 for the diffusers peer's
+    # 10-minute, 2464-step model at the same DDIM-50 settings; see the README).
+    config.optim.update(lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999)
     config.train.update(
         batch_size=64,
-        num_steps=2500,
+        num_steps=1000,
         log_every_steps=100,
         checkpoint_every_steps=500,
         sample_every_steps=0,
@@ -48,7 +51,7 @@ def get_config(arg: str | None = None):
             eval_batch_size=16,
         )
         config.sampler.batch_size = 16
-        config.optim.warmup_steps = 2
+        config.optim.update(warmup_steps=2, lr_schedule="constant")  # resumable at any length
     elif arg == "hybrid":  # Improved DDPM: learned variances, L_simple + λ L_vlb.
         config.diffusion.update(learned_variance=True, loss="hybrid")
     elif arg:

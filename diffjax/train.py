@@ -617,7 +617,7 @@ def _continue_stream(train_iter: data.TrainIterator, saved: dict, ckpt) -> None:
         )
 
 
-def _restore_for_inference(setup: Setup, workdir: str, step: int | None):
+def restore_for_inference(setup: Setup, workdir: str, step: int | None):
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
     try:
         state, _, restored = ckpt.restore(setup.abstract_state, step)
@@ -632,7 +632,7 @@ def load_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     `setup.model`, `setup.schedule` and `setup.mesh` are what `steps.make_sample_fn` takes.
     """
     setup = Setup(config)
-    state, restored = _restore_for_inference(setup, workdir, step)
+    state, restored = restore_for_inference(setup, workdir, step)
     return setup, state.ema_params, restored
 
 
@@ -644,7 +644,7 @@ def sample(
 ) -> str:
     """Samples from a checkpoint's EMA parameters; writes `samples/sample_<step>.png` and `.npz`."""
     setup = Setup(config)
-    state, restored = _restore_for_inference(setup, workdir, step)
+    state, restored = restore_for_inference(setup, workdir, step)
     num = num_samples or config.train.num_samples
     path = os.path.join(workdir, "samples", f"sample_{restored:07d}.png")
     write_samples(setup, state.ema_params, num, setup.sample_key, path, progress=True)
@@ -659,7 +659,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     this costs about as much as sampling the test split with the T-step ancestral sampler.
     """
     setup = Setup(config)
-    state, restored = _restore_for_inference(setup, workdir, step)
+    state, restored = restore_for_inference(setup, workdir, step)
     d, df = config.data, config.diffusion
     eval_iter = data.make_eval_iterator(
         open_split(config, d.eval_split),

@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=512, help="diffjax samples per sampler.")
     parser.add_argument("--samplers", default="ddpm1000,ddim50")
     parser.add_argument("--label", default="diffjax", help="Name of the diffjax rows.")
+    parser.add_argument("--raw", action="store_true", help="The raw parameters, not the EMA.")
     args = parser.parse_args()
 
     print("| images | N | confidence | coverage | class KL | FD |")
@@ -98,7 +99,12 @@ def main() -> None:
         )
     if args.workdir:
         config = digits.get_config(args.config or None)
-        setup, params, step = train.load_ema(config, args.workdir)
+        if args.raw:
+            setup = train.Setup(config)
+            state, step = train.restore_for_inference(setup, args.workdir, None)
+            params = state.params
+        else:
+            setup, params, step = train.load_ema(config, args.workdir)
         for key in args.samplers.split(","):
             t0 = time.perf_counter()
             images = _sample(setup, params, config, key, args.num)

@@ -131,7 +131,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         counts["mid_write"] += caught
         _, _, saved = _restore_all(config, work)  # every checkpoint on disk reads back
         lost = max(reached - saved, 0)
-        assert lost <= EVERY, (kind, reached, saved)
+        # One interval; a kill inside an asynchronous write also loses the steps trained while
+        # that write was in flight (training goes on as Orbax writes).
+        assert lost <= EVERY or (caught and lost < 2 * EVERY), (kind, reached, saved)
         counts["steps_lost"] += lost
         counts["max_steps_lost"] = max(counts["max_steps_lost"], lost)
         counts["resumes"] += 1
