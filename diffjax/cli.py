@@ -31,7 +31,8 @@ def fail(message: str, code: int, exc: BaseException | None = None) -> None:
 
 def verbose(argv: list[str] | None = None) -> bool:
     argv = sys.argv if argv is None else argv
-    return os.environ.get(VERBOSE_ENV, "") not in ("", "0") or "--verbose" in argv
+    flag = any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0") or flag
 
 
 # --- the config file and its overrides ----------------------------------------------------------
