@@ -18,8 +18,11 @@ from configs import digits
 from diffjax import checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_STEPS, EVERY = 120, 20  # steps of the run; the checkpoint interval
-RANDOM_KILLS, MID_WRITE_KILLS = 6, 3
+NUM_STEPS, EVERY = 300, 20  # steps of the run; the checkpoint interval
+# Kills after the first (in start-up): at a random moment of start-up and compilation (before the
+# first logged step), at a random training step, and inside an asynchronous checkpoint write.
+# Each kill lets the run progress at most ~1.5 intervals, so all of them land before the end.
+PLAN = {"compile": 2, "training": 4, "mid_write": 3}
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
@@ -51,6 +54,14 @@ def _env():
     env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
+
+
+def _run_to_end(workdir, data_dir) -> None:
+    """One uninterrupted CLI run (from wherever the workdir stands) that must succeed."""
+    res = subprocess.run(
+        _cli(workdir, data_dir), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
 
 
 def _logged_step(workdir) -> int:
@@ -89,19 +100,12 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
     config = _config(tmp_path / "tfds")
     ref_dir, work = tmp_path / "reference", tmp_path / "killed"
     t0 = time.time()
-    res = subprocess.run(
-        _cli(ref_dir, tmp_path / "tfds_ref"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run_to_end(ref_dir, tmp_path / "tfds_ref")
     run_time = time.time() - t0
 
     counts = {"kills": 0, "mid_write": 0, "resumes": 0, "max_steps_lost": 0, "steps_lost": 0}
-    plan = ["random"] * RANDOM_KILLS + ["mid_write"] * MID_WRITE_KILLS
+    plan = [kind for kind, n in PLAN.items() for _ in range(n)]
+    saved = 0
     rng.shuffle(plan)
     plan.insert(0, "startup")  # the first launch also prepares the dataset
     for kind in plan:
@@ -118,11 +122,20 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
                 time.sleep(0.0005)
             caught = bool(_tmp_dirs(work))
         else:
-            delay = rng.uniform(0.5, 3.0) if kind == "startup" else rng.uniform(0, run_time)
-            end = time.time() + delay
-            while proc.poll() is None and time.time() < end:
+            start = saved  # the step this launch resumes from
+            # Until the resumed run trims them, metrics.jsonl still holds the killed run's lines
+            # past `start`: a step counts only once the file has been back at `start`.
+            trimmed = _logged_step(work) <= start
+            delay = rng.uniform(0.5, 3.0) if kind == "startup" else rng.uniform(3.0, run_time)
+            target = start + (rng.randint(1, EVERY + EVERY // 2) if kind == "training" else 1)
+            end = time.time() + (delay if kind != "training" else run_time)
+            while proc.poll() is None and time.time() < end:  # compile: delay or first step
+                logged = _logged_step(work)
+                trimmed = trimmed or logged <= start
+                if trimmed and logged >= target:
+                    break
                 time.sleep(0.01)
-            caught = False
+            caught = bool(_tmp_dirs(work))  # a random kill may land inside a write too
         if proc.poll() is not None:  # the run finished before the kill: nothing left to kill
             break
         reached = _logged_step(work)
@@ -138,17 +151,9 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
         counts["max_steps_lost"] = max(counts["max_steps_lost"], lost)
         counts["resumes"] += 1
 
-    res = subprocess.run(
-        _cli(work, tmp_path / "tfds"),
-        cwd=ROOT,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    _run_to_end(work, tmp_path / "tfds")
     print(f"\ncrash test: {counts}, reference run {run_time:.1f} s")
-    assert counts["kills"] >= RANDOM_KILLS and counts["mid_write"] >= 1, counts
+    assert counts["kills"] == len(plan) and counts["mid_write"] >= 1, counts
 
     a, a_data, a_step = _restore_all(config, work)
     b, b_data, b_step = _restore_all(config, ref_dir)
