@@ -29,10 +29,14 @@ def get_config() -> ml_collections.ConfigDict:
         attention_resolutions=(16,),  # Self-attention at these feature-map sizes.
         mid_attention=True,  # Self-attention in the middle block.
         head_dim=None,  # Channels per attention head; None = one head.
+        num_heads=None,  # A fixed head count at every level instead (wins over head_dim).
+        context_dim=0,  # >0: text-conditioned, cross-attention on a context of this width.
+        transformer_depth=1,  # Transformer blocks per attention site (context_dim > 0).
         dropout=0.1,  # Dropout inside residual blocks.
         num_groups=32,  # GroupNorm groups.
         norm_eps=1e-6,  # GroupNorm epsilon.
-        num_classes=0,  # >0: class-conditional on the dataset's labels.
+        num_classes=0,  # >0: class-conditional on the dataset's labels (its ClassLabel's count).
+        cond_drop_prob=0.1,  # Conditional models: train on the null condition this often (CFG).
         remat=False,  # Recompute block activations in the backward pass (saves memory).
         dtype="float32",  # Compute dtype: float32 or bfloat16.
     )
@@ -57,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
         clip_x0=True,  # Clip the predicted x_0 to [-1, 1] at every step.
         dynamic_threshold=0.0,  # >0: dynamic thresholding at this percentile of |x_0|.
         batch_size=64,  # Samples drawn per compiled call.
+        guidance_scale=1.0,  # Classifier-free guidance w (conditional models): 1 = none, 0 = uncond.
+        guidance_rescale=0.0,  # Guidance rescale φ (Lin et al. 2024) in [0, 1]; 0 = off.
     )
     config.optim = dict(
         lr=2e-4,  # Peak AdamW learning rate.

@@ -6,7 +6,7 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -28,15 +28,26 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.n
     return grid
 
 
-def save_grid(images: np.ndarray, path: str, min_cell: int = 48) -> str:
+def save_grid(
+    images: np.ndarray,
+    path: str,
+    min_cell: int = 48,
+    ncol: int | None = None,
+    metadata: dict[str, str] | None = None,
+) -> str:
     """Writes [-1, 1] images [N, H, W, C] as one PNG grid, upscaling small images (nearest).
 
+    `ncol`: images per row (default about square); `metadata`: text chunks stored in the PNG
+    (e.g. the prompt and sampler settings, shown by image viewers and `PIL.Image.open(p).text`).
     Returns the path written.
     """
     imgs = to_uint8(images)
     scale = max(1, math.ceil(min_cell / imgs.shape[1]))
     imgs = imgs.repeat(scale, axis=1).repeat(scale, axis=2)
-    grid = make_grid(imgs, pad=max(1, scale // 2))
+    grid = make_grid(imgs, ncol=ncol, pad=max(1, scale // 2))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    info = PngImagePlugin.PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_itxt(k, str(v))
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path, pnginfo=info)
     return path

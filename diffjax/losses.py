@@ -11,9 +11,10 @@ import jax.numpy as jnp
 from jax.scipy.special import log_ndtr
 
 from diffjax import schedules
+from diffjax.cond import NONE, Cond
 
 Array = jnp.ndarray
-DenoiseFn = Callable[[Array, Array], Array]
+DenoiseFn = Callable[[Array, Array, Cond], Array]
 
 LOSSES = ("simple", "hybrid", "vlb")
 T_SAMPLING = ("uniform", "importance")
@@ -110,6 +111,7 @@ def bits_per_dim(
     x0: Array,
     key: Array,
     *,
+    cond: Cond = NONE,
     target: str = "eps",
     variance: str = "beta",
     learned_variance: bool = False,
@@ -125,7 +127,7 @@ def bits_per_dim(
         noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
         x_t = schedules.q_sample(s, x0, t, noise)
         pred, v = schedules.split_prediction(
-            denoise_fn(x_t, t).astype(jnp.float32), learned_variance
+            denoise_fn(x_t, t, cond).astype(jnp.float32), learned_variance
         )
         term = vlb_term(
             s,
@@ -189,6 +191,7 @@ def training_losses(
     t: Array,
     noise: Array,
     *,
+    cond: Cond = NONE,
     target: str = "eps",
     loss: str = "simple",
     learned_variance: bool = False,
@@ -208,7 +211,9 @@ def training_losses(
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {LOSSES}")
     x_t = schedules.q_sample(s, x0, t, noise)
-    pred, v = schedules.split_prediction(denoise_fn(x_t, t).astype(jnp.float32), learned_variance)
+    pred, v = schedules.split_prediction(
+        denoise_fn(x_t, t, cond).astype(jnp.float32), learned_variance
+    )
     err = pred - regression_target(s, x0, t, noise, target)
     mse = mean_flat(jnp.square(err)) * min_snr_weight(s, t, target, min_snr_gamma)
     if loss == "simple":
@@ -229,21 +234,27 @@ def training_losses(
 
 
 def simple_loss(
-    s: schedules.Schedule, denoise_fn: DenoiseFn, x0: Array, key: Array, target: str = "eps"
+    s: schedules.Schedule,
+    denoise_fn: DenoiseFn,
+    x0: Array,
+    key: Array,
+    target: str = "eps",
+    cond: Cond = NONE,
 ) -> Array:
     """L_simple (DDPM eq. 14) on the chosen target, t ~ U{0, …, T-1}.
 
     Args:
       s: the noise schedule.
-      denoise_fn: `(x_t [B, H, W, C], t [B] int32) -> prediction [B, H, W, C]`.
+      denoise_fn: `(x_t [B, H, W, C], t [B] int32, cond) -> prediction [B, H, W, C]`.
       x0: clean images [B, H, W, C] in [-1, 1].
       key: PRNG key for t and ε.
       target: "eps", "x0" or "v".
+      cond: the condition, passed to the network untouched.
 
     Returns:
       The per-example mean squared error, [B].
     """
-    return random_t_losses(s, denoise_fn, x0, key, target=target)["loss"]
+    return random_t_losses(s, denoise_fn, x0, key, target=target, cond=cond)["loss"]
 
 
 def random_t_losses(

@@ -8,10 +8,15 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from diffjax import checkpoint, cli, data, train
+from diffjax import checkpoint, cli, config_check, data, infer, train
 
 # Errors the user fixes (exit 2), and failures of a run that was set up right (exit 1).
-BAD_INPUT_ERRORS = (cli.BadInput, train.ConfigError, data.DatasetError, checkpoint.CheckpointError)
+BAD_INPUT_ERRORS = (
+    cli.BadInput,
+    config_check.ConfigError,
+    data.DatasetError,
+    checkpoint.CheckpointError,
+)
 RUNTIME_ERRORS = (train.NonFiniteLossError,)
 
 FLAGS = flags.FLAGS
@@ -26,6 +31,12 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("step", None, "Checkpoint step for eval/sample; default the newest.")
 flags.DEFINE_integer("num_samples", None, "Samples to draw in --mode=sample.")
+flags.DEFINE_string(
+    "label",
+    None,
+    "Class-conditional models, --mode=sample: a class index (every sample of that class) or "
+    "'all' (a grid with one row per class). Default: the classes in turn.",
+)
 flags.DEFINE_bool(
     "distributed",
     False,
@@ -73,10 +84,11 @@ def main(argv):
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":
             cli.check_writable_dir(FLAGS.workdir, "--workdir")
-            print(train.evaluate(config, FLAGS.workdir, FLAGS.step))
+            print(infer.evaluate(config, FLAGS.workdir, FLAGS.step))
         else:
             cli.check_writable_dir(os.path.join(FLAGS.workdir, "samples"), "--workdir's samples/")
-            print(train.sample(config, FLAGS.workdir, FLAGS.step, FLAGS.num_samples))
+            label = FLAGS.label if FLAGS.label in (None, "all") else int(FLAGS.label)
+            print(infer.sample(config, FLAGS.workdir, FLAGS.step, FLAGS.num_samples, label))
     except BAD_INPUT_ERRORS as e:  # something the user can fix: the message, not a traceback
         cli.fail(_one_line(e), cli.BAD_INPUT, e)
     except RUNTIME_ERRORS as e:
@@ -104,6 +116,7 @@ def _check_flags() -> None:
         raise cli.BadInput(f"--step={FLAGS.step}: a checkpoint step is >= 0")
     if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
         raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
+    _check_label(FLAGS.label, FLAGS.config.model.num_classes)
     if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
         raise cli.BadInput(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 1 (or leave it out)")
     if FLAGS.mode == "train":
@@ -112,6 +125,8 @@ def _check_flags() -> None:
                 "--step picks a checkpoint for --mode=eval/sample; training "
                 "always resumes from the newest one (drop --step)"
             )
+        if FLAGS.label is not None:
+            raise cli.BadInput("--label is for --mode=sample (training sees the dataset's labels)")
         if FLAGS.num_samples is not None:
             raise cli.BadInput(
                 "--num_samples is for --mode=sample; the training grids use "
@@ -123,6 +138,21 @@ def _check_flags() -> None:
         raise cli.BadInput(
             f"--workdir {FLAGS.workdir} is {what}: --mode={FLAGS.mode} reads "
             f"the checkpoints a --mode=train run wrote there"
+        )
+
+
+def _check_label(label: str | None, num_classes: int) -> None:
+    if label is None:
+        return
+    if not num_classes:
+        raise cli.BadInput(
+            f"--label={label}: this model is unconditional (config.model.num_classes=0); "
+            f"sample it without --label, or train a class-conditional one (configs/digits_class.py)"
+        )
+    if label != "all" and not (label.isdigit() and int(label) < num_classes):
+        raise cli.BadInput(
+            f"--label={label}: a class index in [0, {num_classes - 1}] or 'all' "
+            f"(config.model.num_classes={num_classes})"
         )
 
 

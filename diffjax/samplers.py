@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import schedules
+from diffjax.cond import Cond
 
 Array = jnp.ndarray
-DenoiseFn = Callable[[Array, Array], Array]
+DenoiseFn = Callable[[Array, Array, Cond], Array]
 
 FIXED_VARIANCES = ("beta", "posterior")  # for models without learned variances
 SPACINGS = ("uniform", "trailing", "leading")
@@ -66,6 +67,17 @@ def timestep_table(
     return table
 
 
+def start_at(table: np.ndarray, num_steps: int, start: int) -> tuple[np.ndarray, np.int32]:
+    """The table and step count of a run that skips its first `start` steps (same size, so the
+    same compiled sampler): the chain then starts at `table[start]`, from an x_T noised to that
+    level (e.g. `schedules.q_sample` of an image), as SDEdit-style edits do."""
+    if not 0 <= start < num_steps:
+        raise ValueError(f"start must be in [0, {num_steps}), got {start}")
+    rest = np.full_like(table, -1)
+    rest[: len(table) - start] = table[start:]
+    return rest, np.int32(num_steps - start)
+
+
 def _alpha_bar(s: schedules.Schedule, t: Array) -> Array:
     """ᾱ at a timestep of the table, with ᾱ = 1 at t = -1 (the clean image)."""
     return jnp.where(t >= 0, s.alpha_bar[jnp.maximum(t, 0)], 1.0)
@@ -106,14 +118,17 @@ def threshold_x0(x0: Array, clip_x0: bool, dynamic_threshold: float) -> Array:
 
 
 def predict(
-    denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array, pred: Prediction
+    denoise_fn: DenoiseFn, s: schedules.Schedule, x: Array, t: Array, cond: Cond, pred: Prediction
 ) -> tuple[Array, Array, Array | None]:
-    """One network call at timestep t (a scalar): (x̂_0, ε̂, v or None), x̂_0 thresholded.
+    """One network call at timestep t (a scalar) under `cond`: (x̂_0, ε̂, v or None), x̂_0
+    thresholded.
 
     After thresholding, ε̂ is recomputed from x̂_0, so every update stays on the line through x_t.
     """
     tb = jnp.full(x.shape[:1], t, jnp.int32)
-    out, v = schedules.split_prediction(denoise_fn(x, tb).astype(x.dtype), pred.learned_variance)
+    out, v = schedules.split_prediction(
+        denoise_fn(x, tb, cond).astype(x.dtype), pred.learned_variance
+    )
     x0, eps = schedules.to_x0_eps(s, x, tb, out, pred.target)
     if pred.clip_x0 or pred.dynamic_threshold > 0:
         x0 = threshold_x0(x0, pred.clip_x0, pred.dynamic_threshold)
@@ -214,6 +229,7 @@ def ddpm_sample(
     denoise_fn: DenoiseFn,
     s: schedules.Schedule,
     x_T: Array,
+    cond: Cond,
     key: Array,
     table: Array,
     num_steps: Array,
@@ -226,9 +242,12 @@ def ddpm_sample(
     """The ancestral sampler (DDPM), on the full chain or a respaced sub-sequence.
 
     Args (shared by every sampler in SAMPLERS):
-      denoise_fn: `(x_t [B, H, W, C], t [B] int32) -> network output`.
+      denoise_fn: `(x_t [B, H, W, C], t [B] int32, cond) -> network output` (a guided one from
+        `guidance` works the same).
       s: the noise schedule.
-      x_T: the starting noise [B, H, W, C].
+      x_T: the start [B, H, W, C]: pure noise at the table's first level, or an image noised to
+        that level (`start_at` cuts a table to begin lower, for img2img-style edits).
+      cond: the condition (`cond.Cond`), passed to every network call untouched.
       key: PRNG key; step i draws its noise from `fold_in(key, i)`.
       table: [M + 1] int32 from `timestep_table`; num_steps: int32 ≤ M, traced.
       eta: DDIM's η (traced; only DDIM reads it).
@@ -245,7 +264,7 @@ def ddpm_sample(
 
     def body(i, x):
         t, t_next, _, _ = _levels(s, table, i)
-        x0, _, v = predict(denoise_fn, s, x, t, pred)
+        x0, _, v = predict(denoise_fn, s, x, t, cond, pred)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         c = schedules.transition(s, t, t_next)
         return ancestral_step(x, x0, c, noise, variance=variance, v=v)
@@ -257,6 +276,7 @@ def ddim_sample(
     denoise_fn: DenoiseFn,
     s: schedules.Schedule,
     x_T: Array,
+    cond: Cond,
     key: Array,
     table: Array,
     num_steps: Array,
@@ -270,7 +290,7 @@ def ddim_sample(
 
     def body(i, x):
         t, t_next, _, _ = _levels(s, table, i)
-        x0, eps, _ = predict(denoise_fn, s, x, t, pred)
+        x0, eps, _ = predict(denoise_fn, s, x, t, cond, pred)
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         return ddim_step(x0, eps, schedules.transition(s, t, t_next), eta, noise)
 
@@ -281,6 +301,7 @@ def dpm_solver_pp_sample(
     denoise_fn: DenoiseFn,
     s: schedules.Schedule,
     x_T: Array,
+    cond: Cond,
     key: Array,
     table: Array,
     num_steps: Array,
@@ -297,7 +318,7 @@ def dpm_solver_pp_sample(
     def body(i, carry):
         x, x0_prev, ab_prev = carry
         t, t_next, ab_t, ab_s = _levels(s, table, i)
-        x0, _, _ = predict(denoise_fn, s, x, t, pred)
+        x0, _, _ = predict(denoise_fn, s, x, t, cond, pred)
         # After a step from SNR 0 (zero terminal SNR) λ_prev = -∞, so r = ∞ and D = x̂_0:
         # first order again.
         second = (i > 0) & (t_next >= 0) & (ab_prev > 0)
@@ -314,6 +335,7 @@ def heun_sample(
     denoise_fn: DenoiseFn,
     s: schedules.Schedule,
     x_T: Array,
+    cond: Cond,
     key: Array,
     table: Array,
     num_steps: Array,
@@ -329,14 +351,14 @@ def heun_sample(
 
     def body(i, x):
         t, t_next, ab_t, ab_s = _levels(s, table, i)
-        _, eps_t, _ = predict(denoise_fn, s, x, t, pred)
+        _, eps_t, _ = predict(denoise_fn, s, x, t, cond, pred)
         a_t, a_s = jnp.sqrt(jnp.maximum(ab_t, MIN_ALPHA_BAR)), jnp.sqrt(ab_s)
         y = x / a_t
         dsig = sigma_edm(ab_s) - sigma_edm(ab_t)
         y_euler = y + dsig * eps_t
 
         def correct(_):
-            _, eps_s, _ = predict(denoise_fn, s, a_s * y_euler, t_next, pred)
+            _, eps_s, _ = predict(denoise_fn, s, a_s * y_euler, t_next, cond, pred)
             return y + dsig * 0.5 * (eps_t + eps_s)
 
         y_next = jax.lax.cond(t_next >= 0, correct, lambda _: y_euler, None)
@@ -362,6 +384,7 @@ def ddim_invert(
     denoise_fn: DenoiseFn,
     s: schedules.Schedule,
     x0: Array,
+    cond: Cond,
     table: Array,
     num_steps: Array,
     *,
@@ -383,7 +406,7 @@ def ddim_invert(
     def body(i, x):
         a, b = table[num_steps - i], table[num_steps - 1 - i]
         ab_a, ab_b = _alpha_bar(s, a), _alpha_bar(s, b)
-        _, eps, _ = predict(denoise_fn, s, x, b, raw)
+        _, eps, _ = predict(denoise_fn, s, x, b, cond, raw)
         # x̂_0 at x's own level a (the network saw level b), then thresholded as `predict` would.
         x0_hat = threshold_x0(
             (x - jnp.sqrt(1.0 - ab_a) * eps) / jnp.sqrt(ab_a), pred.clip_x0, pred.dynamic_threshold

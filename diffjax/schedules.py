@@ -259,6 +259,17 @@ def to_x0_eps(
     raise ValueError(f"unknown prediction target {target!r}; choose one of {PREDICTION_TARGETS}")
 
 
+def from_x0_eps(s: Schedule, x_t: Array, t: Array, x0: Array, eps: Array, target: str) -> Array:
+    """The prediction of `target` that a consistent pair (x_0, ε) at (x_t, t) corresponds to."""
+    if target == "eps":
+        return eps
+    if target == "x0":
+        return x0
+    if target == "v":
+        return v_from_x0_eps(s, x0, t, eps)
+    raise ValueError(f"unknown prediction target {target!r}; choose one of {PREDICTION_TARGETS}")
+
+
 # --- the reverse process p(x_{t-1} | x_t) --------------------------------------------------------
 
 VARIANCES = ("beta", "posterior", "learned")

@@ -76,3 +76,11 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     """Assembles this process's part of a batch (numpy, leading dim local) into global arrays."""
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
+
+
+def from_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Global arrays from host values that every process holds whole (e.g. sampling labels)."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda i: np.asarray(x)[i]),
+        tree,
+    )

@@ -1,4 +1,5 @@
-"""TrainState and the compiled train, eval and sample steps, built from explicit arguments."""
+"""The compiled diffusion steps (train, eval, bits/dim, sample, invert) on one callable,
+`denoise_fn(x_t, t, cond)`, built from explicit arguments."""
 
 from __future__ import annotations
 
@@ -6,150 +7,24 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from diffjax import losses, samplers, schedules, sharding
-from diffjax.models.unet import UNet
+from diffjax import guidance, losses, samplers, schedules, sharding
+from diffjax.cond import UNCONDITIONAL, Cond, Conditioner
+from diffjax.train_state import TrainState, update_ema
 
 Array = jnp.ndarray
 
 
-@flax.struct.dataclass
-class TrainState:
-    step: Array
-    params: Any
-    opt_state: Any
-    ema_params: Any
-    loss_history: losses.LossHistory  # per-t L_t history, for importance sampling of t
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def learning_rate(
-    lr: float,
-    warmup_steps: int,
-    schedule: str = "constant",
-    decay_steps: int = 0,
-    final_lr_ratio: float = 0.0,
-) -> optax.Schedule:
-    """Linear warm-up from 0 to `lr`, then constant (DDPM) or a cosine decay that reaches
-    `final_lr_ratio · lr` at step `decay_steps` (the run's last step) and stays there."""
-    warmup = max(1, warmup_steps)
-    if schedule == "constant":
-        return optax.linear_schedule(0.0, lr, warmup)
-    if schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, lr, warmup, max(decay_steps, warmup + 1), end_value=final_lr_ratio * lr
-        )
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {LR_SCHEDULES}")
-
-
-def make_optimizer(
-    lr: float,
-    warmup_steps: int,
-    weight_decay: float,
-    b1: float,
-    b2: float,
-    grad_clip: float,
-    *,
-    schedule: str = "constant",
-    decay_steps: int = 0,
-    final_lr_ratio: float = 0.0,
-) -> optax.GradientTransformation:
-    """AdamW on `learning_rate(...)`, after global-norm gradient clipping (0 = no clipping)."""
-    rate = learning_rate(lr, warmup_steps, schedule, decay_steps, final_lr_ratio)
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    parts.append(optax.adamw(rate, b1=b1, b2=b2, weight_decay=weight_decay))
-    return optax.chain(*parts)
-
-
 def make_denoise_fn(
-    model: UNet,
-    params: Any,
-    label: Array | None = None,
-    *,
-    train: bool = False,
-    dropout_key: Array | None = None,
-) -> Callable[[Array, Array], Array]:
-    """The one callable where the network meets the math: (x_t, t) -> prediction."""
+    model: Any, params: Any, *, train: bool = False, dropout_key: Array | None = None
+) -> Callable[[Array, Array, Cond], Array]:
+    """The one callable where the network meets the math: (x_t, t, cond) -> prediction."""
     rngs = {"dropout": dropout_key} if train else None
-    return lambda x_t, t: model.apply(
-        {"params": params}, x_t, t, label=label, train=train, rngs=rngs
-    )
-
-
-def _label(model: UNet, batch: dict) -> Array | None:
-    """The batch's class labels when the model is class-conditional, else None."""
-    return batch["label"] if model.num_classes else None
-
-
-def _dummy_inputs(model: UNet, image_shape: tuple[int, ...]):
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    label = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-    return x, jnp.zeros((1,), jnp.int32), label
-
-
-def make_init_fn(
-    model: UNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...], num_timesteps: int
-) -> Callable[[Array], TrainState]:
-    def init(key):
-        x, t, label = _dummy_inputs(model, image_shape)
-        params = model.init(key, x, t, label=label)["params"]
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            ema_params=params,
-            loss_history=losses.init_loss_history(num_timesteps),
-        )
-
-    return init
-
-
-def abstract_train_state(
-    model: UNet,
-    tx: optax.GradientTransformation,
-    image_shape: tuple[int, ...],
-    mesh: jax.sharding.Mesh,
-    *,
-    num_timesteps: int,
-) -> TrainState:
-    """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
-    abstract = jax.eval_shape(
-        make_init_fn(model, tx, image_shape, num_timesteps), jax.random.key(0)
-    )
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract,
-        sharding.state_sharding(abstract, mesh),
-    )
-
-
-def create_train_state(
-    model: UNet,
-    tx: optax.GradientTransformation,
-    image_shape: tuple[int, ...],
-    key: Array,
-    mesh: jax.sharding.Mesh,
-    *,
-    num_timesteps: int,
-) -> TrainState:
-    """Initialises the state under jit, so every leaf is a global array with its sharding."""
-    abstract = abstract_train_state(model, tx, image_shape, mesh, num_timesteps=num_timesteps)
-    shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    return jax.jit(make_init_fn(model, tx, image_shape, num_timesteps), out_shardings=shardings)(
-        key
-    )
-
-
-def ema_decay_at(step: Array, decay: float) -> Array:
-    """EMA decay with warm-up, min(decay, (1 + n) / (10 + n)), so early averages track the model."""
-    n = step.astype(jnp.float32)
-    return jnp.minimum(decay, (1.0 + n) / (10.0 + n))
+    return lambda x_t, t, c: model.apply({"params": params}, x_t, t, c, train=train, rngs=rngs)
 
 
 CPU_YNN_FUSION = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"
@@ -170,7 +45,7 @@ def compiler_options() -> dict | None:
 
 
 def make_train_step(
-    model: UNet,
+    model: Any,
     schedule: schedules.Schedule,
     tx: optax.GradientTransformation,
     mesh: jax.sharding.Mesh,
@@ -180,9 +55,10 @@ def make_train_step(
     ema_decay: float = 0.9999,
     t_sampling: str = "uniform",
     grad_accum_steps: int = 1,
+    conditioner: Conditioner = UNCONDITIONAL,
     **loss_kwargs,
 ):
-    """Builds the compiled step `(state, batch, key) -> (state, metrics)`.
+    """Builds the compiled step `(state, batch, key, frozen) -> (state, metrics)`.
 
     The batch is split over every device of the mesh, the state is laid out by
     `sharding.state_sharding` and donated; the step's randomness is `fold_in(key, state.step)`,
@@ -190,16 +66,20 @@ def make_train_step(
     microbatches in a `lax.scan` (activation memory of one microbatch) and their gradients
     averaged: the same update as one batch (exactly without dropout; dropout draws its masks per
     microbatch).
+    The condition is `conditioner.from_batch(batch, frozen)`, each example swapped for the null
+    condition with probability `conditioner.drop_prob` from the step's key (a resumed run drops
+    the same examples). `frozen` holds frozen networks' parameters (e.g. a pretrained text
+    encoder; None when there are none): an argument, never trained, donated or checkpointed.
     `loss_kwargs` go to `losses.training_losses` (loss, learned_variance, variance, vlb_weight,
     min_snr_gamma).
     """
     batch_sh = sharding.batch_sharded(mesh)
 
-    def grads_of(params, x0, t, noise, weights, label, dropout_key):
+    def grads_of(params, x0, t, noise, weights, c, dropout_key):
         def loss_fn(params):
-            denoise = make_denoise_fn(model, params, label, train=True, dropout_key=dropout_key)
+            denoise = make_denoise_fn(model, params, train=True, dropout_key=dropout_key)
             terms = losses.training_losses(
-                schedule, denoise, x0, t, noise, target=target, **loss_kwargs
+                schedule, denoise, x0, t, noise, cond=c, target=target, **loss_kwargs
             )
             return jnp.mean(weights * terms["loss"]), terms
 
@@ -229,24 +109,23 @@ def make_train_step(
         merge = lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])
         return (loss / k, jax.tree.map(merge, terms)), jax.tree.map(lambda g: g / k, grads)
 
-    def step(state: TrainState, batch: dict, key: Array):
-        t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
-        label, x0 = _label(model, batch), batch["image"]
+    def step(state: TrainState, batch: dict, key: Array, frozen: Any):
+        keys = jax.random.split(jax.random.fold_in(key, state.step), 4)
+        t_key, noise_key, dropout_key, drop_key = keys
+        x0 = batch["image"]
+        c = conditioner.drop(conditioner.from_batch(batch, frozen), drop_key, frozen)
         t, weights = losses.sample_timesteps(t_key, x0.shape[0], state.loss_history, t_sampling)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
         t, weights, noise = (
             jax.lax.with_sharding_constraint(a, batch_sh) for a in (t, weights, noise)
         )
         if grad_accum_steps > 1:
-            (loss, terms), grads = accumulate(
-                state.params, (x0, t, noise, weights, label), dropout_key
-            )
+            (loss, terms), grads = accumulate(state.params, (x0, t, noise, weights, c), dropout_key)
         else:
-            (loss, terms), grads = grads_of(state.params, x0, t, noise, weights, label, dropout_key)
+            (loss, terms), grads = grads_of(state.params, x0, t, noise, weights, c, dropout_key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        d = ema_decay_at(state.step, ema_decay)
-        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state.ema_params, params)
+        ema = update_ema(state.ema_params, params, state.step, ema_decay)
         history = state.loss_history
         if t_sampling == "importance":  # the only reader of the history
             history = losses.update_loss_history(history, t, terms["vlb"])
@@ -262,7 +141,7 @@ def make_train_step(
     rep = sharding.replicated(mesh)
     return jax.jit(
         step,
-        in_shardings=(state_sh, batch_sh, rep),
+        in_shardings=(state_sh, batch_sh, rep, rep),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
         compiler_options=compiler_options(),
@@ -276,34 +155,41 @@ def _params_sharding(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
 
 
 def make_eval_step(
-    model: UNet,
+    model: Any,
     schedule: schedules.Schedule,
     mesh: jax.sharding.Mesh,
     *,
     target: str = "eps",
     params_sharding: Any = None,
+    conditioner: Conditioner = UNCONDITIONAL,
     **loss_kwargs,
 ):
-    """Compiled `(params, batch, key) -> per-example training loss [B]`, t uniform, batch split
-    over the mesh. `loss_kwargs` as in `make_train_step`."""
+    """Compiled `(params, batch, key, frozen) -> per-example training loss [B]`, t uniform, the
+    batch's own condition (no dropout), batch split over the mesh. `loss_kwargs` as in
+    `make_train_step`."""
 
-    def step(params, batch, key):
-        denoise = make_denoise_fn(model, params, _label(model, batch))
+    def step(params, batch, key, frozen):
         return losses.random_t_losses(
-            schedule, denoise, batch["image"], key, target=target, **loss_kwargs
+            schedule,
+            make_denoise_fn(model, params),
+            batch["image"],
+            key,
+            cond=conditioner.from_batch(batch, frozen),
+            target=target,
+            **loss_kwargs,
         )["loss"]
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(
         step,
-        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
+        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep, rep),
         out_shardings=batch_sh,
         compiler_options=compiler_options(),
     )
 
 
 def make_bpd_step(
-    model: UNet,
+    model: Any,
     schedule: schedules.Schedule,
     mesh: jax.sharding.Mesh,
     *,
@@ -311,16 +197,19 @@ def make_bpd_step(
     variance: str = "beta",
     learned_variance: bool = False,
     params_sharding: Any = None,
+    conditioner: Conditioner = UNCONDITIONAL,
 ):
-    """Compiled `(params, batch, key) -> {"total", "prior", "decoder", "kl"}`, each [B] bits/dim:
-    the whole variational bound, T network calls per batch (`losses.bits_per_dim`)."""
+    """Compiled `(params, batch, key, frozen) -> {"total", "prior", "decoder", "kl"}`, each [B]
+    bits/dim: the whole variational bound, T network calls per batch (`losses.bits_per_dim`);
+    for a conditional model, the bound of p(x | the batch's condition)."""
 
-    def step(params, batch, key):
+    def step(params, batch, key, frozen):
         return losses.bits_per_dim(
             schedule,
-            make_denoise_fn(model, params, _label(model, batch)),
+            make_denoise_fn(model, params),
             batch["image"],
             key,
+            cond=conditioner.from_batch(batch, frozen),
             target=target,
             variance=variance,
             learned_variance=learned_variance,
@@ -329,46 +218,63 @@ def make_bpd_step(
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(
         step,
-        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep),
+        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep, rep),
         out_shardings=batch_sh,
         compiler_options=compiler_options(),
     )
 
 
+def make_noise_fn(mesh: jax.sharding.Mesh, shape: tuple[int, ...]) -> Callable[[Array], Array]:
+    """Compiled `key -> N(0, I) [shape]`, drawn at the global shape and split over the mesh."""
+    return jax.jit(
+        lambda key: jax.random.normal(key, shape, jnp.float32),
+        out_shardings=sharding.batch_sharded(mesh),
+    )
+
+
+def _guided(model, params, conditioner, null_cond, scale, rescale, learned_variance):
+    denoise = make_denoise_fn(model, params)
+    if not conditioner.conditional:
+        return denoise
+    return guidance.classifier_free(
+        denoise, null_cond, scale, rescale, learned_variance=learned_variance
+    )
+
+
 def make_sample_fn(
-    model: UNet,
+    model: Any,
     schedule: schedules.Schedule,
     mesh: jax.sharding.Mesh,
-    shape: tuple[int, ...],
     *,
     sampler: str = "ddpm",
     pred: samplers.Prediction = samplers.EPS_CLIPPED,
     variance: str = "beta",
+    conditioner: Conditioner = UNCONDITIONAL,
     progress: Callable[[Array], None] | None = None,
     params_sharding: Any = None,
 ):
-    """Compiled `(params, key, table, num_steps, eta) -> samples [B, H, W, C]`.
+    """`sample(params, x_T, cond, key, table, num_steps, eta=0, guidance_scale=1, *,
+    null_cond=None, guidance_rescale=0) -> samples [B, H, W, C]`, compiled.
 
-    The whole chain runs in one program with the batch split over devices. `table` and
-    `num_steps` come from `samplers.timestep_table`; they and η are traced, so one compilation
-    serves every step count up to the table's size. Labels for class-conditional models are
-    drawn uniformly from `key`.
+    The caller gives the start `x_T` (noise, or an image noised to the table's first level) and
+    the condition (`conditioner.labels(...)`, NONE for an unconditional model); nothing random
+    but the sampler's own noise (from `key`) is drawn inside. The whole chain runs in one program
+    with the batch split over devices. `table` and `num_steps` come from
+    `samplers.timestep_table` (or `samplers.start_at`); they, η, the guidance scale w and the
+    rescale φ are traced, so one compilation serves every step count up to the table's size and
+    every w. A conditional model is sampled with classifier-free guidance
+    (`guidance.classifier_free`; w = 1 is the plain conditional model) against `null_cond`,
+    by default `conditioner.null(cond)`; a negative prompt's condition can stand in for it.
     """
 
-    def sample(params, key, table, num_steps, eta):
-        noise_key, label_key, loop_key = jax.random.split(key, 3)
-        x_T = jax.random.normal(noise_key, shape, jnp.float32)
-        x_T = jax.lax.with_sharding_constraint(x_T, sharding.batch_sharded(mesh))
-        label = (
-            jax.random.randint(label_key, shape[:1], 0, model.num_classes)
-            if model.num_classes
-            else None
-        )
+    def run(params, x_T, c, null_c, key, table, num_steps, eta, scale, rescale):
+        denoise = _guided(model, params, conditioner, null_c, scale, rescale, pred.learned_variance)
         return samplers.SAMPLERS[sampler](
-            make_denoise_fn(model, params, label),
+            denoise,
             schedule,
             x_T,
-            loop_key,
+            c,
+            key,
             table,
             num_steps,
             eta=eta,
@@ -377,35 +283,64 @@ def make_sample_fn(
             progress=progress,
         )
 
-    rep = sharding.replicated(mesh)
-    return jax.jit(
-        sample,
-        in_shardings=(_params_sharding(params_sharding, mesh),) + (rep,) * 4,
-        out_shardings=sharding.batch_sharded(mesh),
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    params_sh = _params_sharding(params_sharding, mesh)
+    compiled = jax.jit(
+        run,
+        in_shardings=(params_sh, batch_sh, batch_sh, batch_sh) + (rep,) * 6,
+        out_shardings=batch_sh,
         compiler_options=compiler_options(),
     )
 
+    def sample(
+        params,
+        x_T,
+        cond,
+        key,
+        table,
+        num_steps,
+        eta=0.0,
+        guidance_scale=1.0,
+        *,
+        null_cond=None,
+        guidance_rescale=0.0,
+    ):
+        null_cond = conditioner.null(cond) if null_cond is None else null_cond
+        scalars = (np.float32(eta), np.float32(guidance_scale), np.float32(guidance_rescale))
+        return compiled(params, x_T, cond, null_cond, key, table, np.int32(num_steps), *scalars)
+
+    return sample
+
 
 def make_invert_fn(
-    model: UNet,
+    model: Any,
     schedule: schedules.Schedule,
     mesh: jax.sharding.Mesh,
     *,
     pred: samplers.Prediction = samplers.EPS_UNCLIPPED,
+    conditioner: Conditioner = UNCONDITIONAL,
     params_sharding: Any = None,
 ):
-    """Compiled DDIM inversion `(params, images, table, num_steps, label) -> latents`, the
-    batch split over devices (`samplers.ddim_invert`); `label` is None for unconditional models."""
+    """Compiled DDIM inversion `(params, images, cond, table, num_steps, guidance_scale=1) ->
+    latents`, the batch split over devices (`samplers.ddim_invert`), guided like `make_sample_fn`
+    for conditional models (null side `conditioner.null(cond)`)."""
 
-    def invert(params, images, table, num_steps, label):
-        return samplers.ddim_invert(
-            make_denoise_fn(model, params, label), schedule, images, table, num_steps, pred=pred
-        )
+    def run(params, images, c, null_c, table, num_steps, scale):
+        denoise = _guided(model, params, conditioner, null_c, scale, 0.0, pred.learned_variance)
+        return samplers.ddim_invert(denoise, schedule, images, c, table, num_steps, pred=pred)
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(
-        invert,
-        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep, rep, batch_sh),
+    compiled = jax.jit(
+        run,
+        in_shardings=(_params_sharding(params_sharding, mesh),) + (batch_sh,) * 3 + (rep,) * 3,
         out_shardings=batch_sh,
         compiler_options=compiler_options(),
     )
+
+    def invert(params, images, cond, table, num_steps, guidance_scale=1.0):
+        null_c = conditioner.null(cond)
+        return compiled(
+            params, images, cond, null_c, table, np.int32(num_steps), np.float32(guidance_scale)
+        )
+
+    return invert

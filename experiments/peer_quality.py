@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import quality, samplers, sharding, steps, train  # noqa: E402
+from diffjax import build, infer, quality, samplers, sharding, steps  # noqa: E402
 
 PEER_DIR = os.path.join(ROOT, "..", "shared", "peers", "samples")
 # The peer's two samplers: (diffjax sampler, steps, spacing, eta, variance).
@@ -100,11 +100,11 @@ def main() -> None:
     if args.workdir:
         config = digits.get_config(args.config or None)
         if args.raw:
-            setup = train.Setup(config)
-            state, step = train.restore_for_inference(setup, args.workdir, None)
+            setup = build.Setup(config)
+            state, step = infer.restore_for_inference(setup, args.workdir, None)
             params = state.params
         else:
-            setup, params, step = train.load_ema(config, args.workdir)
+            setup, params, step = infer.load_ema(config, args.workdir)
         for key in args.samplers.split(","):
             t0 = time.perf_counter()
             images = _sample(setup, params, config, key, args.num)

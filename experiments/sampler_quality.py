@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import quality, samplers, sharding, steps, train  # noqa: E402
+from diffjax import infer, quality, samplers, sharding, steps  # noqa: E402
 
 
 def _steps_for(name: str, nfe: int) -> int:
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = digits.get_config(args.config or None)
-    setup, params, step = train.load_ema(config, args.workdir)
+    setup, params, step = infer.load_ema(config, args.workdir)
     s = setup.schedule
     shape = (args.num, *setup.image_shape)
     df = config.diffusion

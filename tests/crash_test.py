@@ -15,7 +15,7 @@ import pytest
 from conftest import TEST_XLA_FLAGS
 
 from configs import digits
-from diffjax import checkpoint, train
+from diffjax import build, checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS, EVERY = 300, 20  # steps of the run; the checkpoint interval
@@ -79,7 +79,7 @@ def _tmp_dirs(workdir) -> list[str]:
 
 def _restore_all(config, workdir):
     """Restores every step on disk (each must read back), then the newest: (state, data, step)."""
-    setup = train.Setup(config)
+    setup = build.Setup(config)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
     try:
         for s in ckpt.all_steps():

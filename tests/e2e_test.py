@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from diffjax import checkpoint, train
+from diffjax import build, checkpoint, infer, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ def _cli(workdir, data_dir, *flags):
 
 
 def _restore(config, workdir, step=None):
-    setup = train.Setup(config)
+    setup = build.Setup(config)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     try:
         return ckpt.restore(setup.abstract_state, step)
@@ -102,10 +102,10 @@ def test_sigterm_then_resume_equals_uninterrupted_run(tmp_path, data_dir):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
     # Sample and eval from the resumed run.
-    path = train.sample(config, str(work), num_samples=20)
+    path = infer.sample(config, str(work), num_samples=20)
     images = np.load(path.replace(".png", ".npz"))["images"]
     assert images.shape == (20, 8, 8, 1) and np.abs(images).max() <= 1.0
-    result = train.evaluate(config, str(work))
+    result = infer.evaluate(config, str(work))
     assert result["eval/examples"] == 296 and np.isfinite(result["eval/loss"])
     # The bound: its parts add up (an untrained 9-step model's bound is loose: hundreds of bits).
     parts = result["eval/bpd_prior"] + result["eval/bpd_decoder"] + result["eval/bpd_kl"]

@@ -15,7 +15,7 @@ def test_exact_denoiser_of_point_mass_has_zero_loss(target):
     s = schedules.make_schedule("linear", 1000)
     c = jnp.full((64, 4, 4, 2), 0.3)
 
-    def oracle(x_t, t):
+    def oracle(x_t, t, cond=None):
         a = s.sqrt_alpha_bar[t][:, None, None, None]
         b = s.sqrt_one_minus_alpha_bar[t][:, None, None, None]
         eps = (x_t - a * c) / b
@@ -29,12 +29,12 @@ def test_exact_denoiser_of_point_mass_has_zero_loss(target):
 def test_zero_predictor_loss_is_second_moment_of_target():
     s = schedules.make_schedule("linear", 1000)
     x0 = jnp.zeros((256, 8, 8, 1))
-    loss = losses.simple_loss(s, lambda x, t: jnp.zeros_like(x), x0, jax.random.key(1), "eps")
+    loss = losses.simple_loss(s, lambda x, t, c: jnp.zeros_like(x), x0, jax.random.key(1), "eps")
     # E[ε²] = 1; each example averages 64 values, so the batch mean has sd √(2/(64·256)).
     np.testing.assert_allclose(loss.mean(), 1.0, atol=5 * np.sqrt(2 / (64 * 256)))
     x0 = jnp.ones((256, 8, 8, 1)) * 0.5
     np.testing.assert_allclose(
-        losses.simple_loss(s, lambda x, t: jnp.zeros_like(x), x0, jax.random.key(2), "x0"),
+        losses.simple_loss(s, lambda x, t, c: jnp.zeros_like(x), x0, jax.random.key(2), "x0"),
         0.25,
         rtol=1e-6,
     )
@@ -43,7 +43,9 @@ def test_zero_predictor_loss_is_second_moment_of_target():
 def test_unknown_target():
     s = schedules.make_schedule("linear", 10)
     with pytest.raises(ValueError, match="unknown prediction target 'score'"):
-        losses.simple_loss(s, lambda x, t: x, jnp.zeros((2, 2, 2, 1)), jax.random.key(0), "score")
+        losses.simple_loss(
+            s, lambda x, t, c: x, jnp.zeros((2, 2, 2, 1)), jax.random.key(0), "score"
+        )
 
 
 # --- the variational bound ----------------------------------------------------------------------
@@ -81,7 +83,7 @@ def test_discretized_gaussian_sums_to_one_over_the_256_bins(mean, scale):
 def _gaussian_model(s, learned_variance=True):
     """ε̂ and the v that make p(x_{t-1}|x_t) the true reverse kernel, for x_0 ~ N(μ, σ²)."""
 
-    def denoise(x_t, t):
+    def denoise(x_t, t, cond=None):
         ab = schedules.extract(s.alpha_bar, t, x_t.ndim)
         x0 = MU + jnp.sqrt(ab) * SIG**2 / (ab * SIG**2 + 1 - ab) * (x_t - jnp.sqrt(ab) * MU)
         eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
@@ -140,7 +142,7 @@ def test_hybrid_loss_stops_the_vlb_gradient_on_the_mean():
 
     def grads(loss, out):
         f = lambda o: losses.training_losses(
-            s, lambda x, tt: o, x0, t, noise, loss=loss, learned_variance=True
+            s, lambda x, tt, c: o, x0, t, noise, loss=loss, learned_variance=True
         )["loss"].sum()
         return jax.grad(f)(out)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from diffjax import checkpoint, data, sharding, steps, train
+from diffjax import build, checkpoint, data, sharding, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,11 +116,11 @@ def test_two_processes_stop_resume_match_one_process_and_fail_fast(tmp_path):
     #    from scratch on the same global batches: process 0's shard then process 1's.
     config = digits.get_config("tiny")
     config.data.data_dir = str(data_dir)
-    setup = train.Setup(config)
+    setup = build.Setup(config)
     d = config.data
     iters = [
         data.make_train_iterator(
-            train.open_split(config, "train"),
+            build.open_split(config, "train"),
             image_size=d.image_size,
             channels=d.channels,
             global_batch=16,
@@ -131,14 +131,7 @@ def test_two_processes_stop_resume_match_one_process_and_fail_fast(tmp_path):
         )
         for i in range(2)
     ]
-    state = steps.create_train_state(
-        setup.model,
-        setup.tx,
-        setup.image_shape,
-        setup.init_key,
-        setup.mesh,
-        num_timesteps=setup.schedule.num_steps,
-    )
+    state = setup.create_state()
     step = steps.make_train_step(
         setup.model,
         setup.schedule,
@@ -150,7 +143,7 @@ def test_two_processes_stop_resume_match_one_process_and_fail_fast(tmp_path):
     for _ in range(total):
         parts = [next(it) for it in iters]
         batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        state, _ = step(state, sharding.global_batch(batch, setup.mesh), setup.train_key)
+        state, _ = step(state, sharding.global_batch(batch, setup.mesh), setup.train_key, None)
     ckpt = checkpoint.Checkpointer(str(work / "checkpoints"))
     cluster = ckpt.restore(setup.abstract_state, total)[0]
     ckpt.close()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from diffjax import samplers, schedules, sharding, steps
+from diffjax.cond import NONE
 from diffjax.models.unet import UNet
 
 MU, SIGMA = 0.4, 0.3
@@ -20,7 +21,7 @@ def gaussian_model(s, target="eps", learned_variance=False):
     kernel: Var[x_{t-1} | x_t] = β̃_t + c_0² Var[x_0 | x_t] (c_0 the eq. 7 coefficient of x_0).
     """
 
-    def denoise(x_t, t):
+    def denoise(x_t, t, cond=None):
         ab = schedules.extract(s.alpha_bar, t, x_t.ndim)
         x0 = MU + jnp.sqrt(ab) * SIGMA**2 / (ab * SIGMA**2 + 1 - ab) * (x_t - jnp.sqrt(ab) * MU)
         eps = (x_t - jnp.sqrt(ab) * x0) / jnp.sqrt(1 - ab)
@@ -49,6 +50,7 @@ def _run(name, steps_, spacing="uniform", target="eps", x_T=None, key=0, eta=0.0
             gaussian_model(S, target, pred.learned_variance),
             S,
             x_T,
+            NONE,
             jax.random.key(key),
             table,
             np.int32(steps_),
@@ -185,9 +187,9 @@ def test_ddim_inversion_round_trip():
     for n in (50, 200):
         table = samplers.timestep_table(S.num_steps, n, "uniform")
         model = gaussian_model(S)
-        z = samplers.ddim_invert(model, S, x0, table, np.int32(n), pred=UNCLIPPED)
+        z = samplers.ddim_invert(model, S, x0, NONE, table, np.int32(n), pred=UNCLIPPED)
         back = samplers.ddim_sample(
-            model, S, z, jax.random.key(0), table, np.int32(n), pred=UNCLIPPED
+            model, S, z, NONE, jax.random.key(0), table, np.int32(n), pred=UNCLIPPED
         )
         errors.append(float(jnp.sqrt(jnp.mean(jnp.square(back - x0)))))
     # The inversion is the η = 0 map run backwards with a one-step lag: first-order error
@@ -200,17 +202,23 @@ def test_ddim_inversion_round_trip():
 def test_one_compilation_serves_every_step_count_and_eta(compiles):
     mesh = sharding.make_mesh(8)
     model = UNet(
-        base_channels=8, channel_mults=(1,), num_res_blocks=1, mid_attention=False, num_groups=4
+        base_channels=8,
+        channel_mults=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        mid_attention=False,
+        num_groups=4,
     )
     s = schedules.make_schedule("linear", 30)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32))
-    fn = steps.make_sample_fn(model, s, mesh, (8, 4, 4, 1), sampler="ddim", pred=UNCLIPPED)
+    fn = steps.make_sample_fn(model, s, mesh, sampler="ddim", pred=UNCLIPPED)
+    x_T = steps.make_noise_fn(mesh, (8, 4, 4, 1))(jax.random.key(2))
     outs = []
     key = jax.random.key(1)
 
     def run(n, spacing, eta):
         table = samplers.timestep_table(30, n, spacing, 30)
-        outs.append(np.asarray(fn(params["params"], key, table, np.int32(n), np.float32(eta))))
+        outs.append(np.asarray(fn(params["params"], x_T, NONE, key, table, n, eta)))
 
     run(3, "uniform", 0.0)
     with compiles.none_expected("a new step count, spacing and η"):
@@ -231,6 +239,7 @@ def test_zero_terminal_snr_with_v_prediction(name):
             gaussian_model(s, "v"),
             s,
             x_T,
+            NONE,
             jax.random.key(1),
             table,
             np.int32(50),

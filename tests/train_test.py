@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import digits
-from diffjax import schedules, sharding, steps, train
+from diffjax import build, config_check, infer, schedules, sharding, steps, train_state
 from diffjax.models.unet import UNet
 
 MODEL = dict(
@@ -21,10 +21,12 @@ MODEL = dict(
 def _setup(data, fsdp=1, *, grad_accum_steps=1, **model_kw):
     mesh = sharding.make_mesh(data, fsdp)
     model = UNet(**{**MODEL, **model_kw})
-    tx = steps.make_optimizer(1e-3, 2, 0.0, 0.9, 0.999, 1.0)
+    tx = train_state.make_optimizer(1e-3, 2, 0.0, 0.9, 0.999, 1.0)
     shape = (8, 8, 1)
-    abstract = steps.abstract_train_state(model, tx, shape, mesh, num_timesteps=100)
-    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh, num_timesteps=100)
+    abstract = train_state.abstract_train_state(model, tx, shape, mesh, num_timesteps=100)
+    state = train_state.create_train_state(
+        model, tx, shape, jax.random.key(0), mesh, num_timesteps=100
+    )
     step = steps.make_train_step(
         model,
         schedules.make_schedule("linear", 100),
@@ -52,7 +54,7 @@ def _run(data, fsdp=1, n_batches=3, **kw):
     mesh, state, step = _setup(data, fsdp, **kw)
     losses = []
     for b in _batches(n_batches):
-        state, metrics = step(state, sharding.global_batch(b, mesh), jax.random.key(1))
+        state, metrics = step(state, sharding.global_batch(b, mesh), jax.random.key(1), None)
         losses.append(float(metrics["loss"]))
     return state, losses, step
 
@@ -89,7 +91,7 @@ def test_every_mesh_layout_matches_one_device(data, fsdp, one_device, compiles):
     assert int(state.step) == 3
     batch = sharding.global_batch(_batches(1)[0], sharding.make_mesh(data, fsdp))
     with compiles.none_expected("a fourth train step"):
-        state, _ = step(state, batch, jax.random.key(1))
+        state, _ = step(state, batch, jax.random.key(1), None)
     leaf = jax.tree.leaves(state.params)[0]
     assert len(leaf.sharding.device_set) == 8
     if fsdp == 1:
@@ -126,7 +128,7 @@ def test_bfloat16_compute_trains_with_float32_state():
 def test_ema_tracks_params_with_warmup():
     mesh, state, step = _setup(8)
     before = [np.asarray(p) for p in jax.tree.leaves(state.params)]  # the state is donated
-    new, _ = step(state, sharding.global_batch(_batches(1)[0], mesh), jax.random.key(1))
+    new, _ = step(state, sharding.global_batch(_batches(1)[0], mesh), jax.random.key(1), None)
     # At step 0 the warm-up decay is min(0.99, 1/10) = 0.1: ema = 0.1·old + 0.9·new params.
     for e, p, o in zip(
         jax.tree.leaves(new.ema_params), jax.tree.leaves(new.params), before, strict=True
@@ -137,7 +139,7 @@ def test_ema_tracks_params_with_warmup():
 @pytest.mark.parametrize(
     "field,value,match",
     [
-        ("data.image_size", 10, "data.image_size: 10 must be a positive multiple of"),
+        ("data.image_size", 10, "data.image_size: 10x10 must be a positive multiple of"),
         ("train.batch_size", 12, "train.batch_size: 12 must be a positive multiple of the 8"),
         ("diffusion.schedule", "cosin", "diffusion.schedule: unknown 'cosin'"),
         ("diffusion.target", "score", "diffusion.target"),
@@ -164,8 +166,8 @@ def test_bad_config_values_name_the_field(field, value, match):
     config = digits.get_config()
     section, key = field.split(".")
     config[section][key] = value
-    with pytest.raises(ValueError, match=match):
-        train.check_config(config)
+    with pytest.raises(config_check.ConfigError, match=match):
+        build.Setup(config)  # the config's rules, then the network's shape rules
 
 
 def test_unknown_config_key_is_rejected():
@@ -179,29 +181,22 @@ def test_sampler_steps_above_the_compiled_maximum():
     config = digits.get_config()
     config.sampler.update(steps=500, max_steps=100)
     with pytest.raises(ValueError, match="sampler.max_steps: 100 < sampler.steps=500"):
-        train.check_config(config)
+        config_check.check_config(config)
 
 
 def test_digits_configs_are_valid():
-    train.check_config(digits.get_config())
-    train.check_config(digits.get_config("hybrid"))
-    train.check_config(digits.get_config("tiny"))
+    config_check.check_config(digits.get_config())
+    config_check.check_config(digits.get_config("hybrid"))
+    config_check.check_config(digits.get_config("tiny"))
     with pytest.raises(ValueError, match="unknown variant"):
         digits.get_config("huge")
 
 
 def test_sample_grids_reuse_one_compiled_sampler(tmp_path, compiles):
     config = digits.get_config("tiny")
-    setup = train.Setup(config)
-    state = steps.create_train_state(
-        setup.model,
-        setup.tx,
-        setup.image_shape,
-        setup.init_key,
-        setup.mesh,
-        num_timesteps=setup.schedule.num_steps,
-    )
-    grid = lambda i: train.write_samples(
+    setup = build.Setup(config)
+    state = setup.create_state()
+    grid = lambda i: infer.write_samples(
         setup, state.ema_params, 20, setup.sample_key, str(tmp_path / f"grid_{i}.png")
     )
     grid(0)

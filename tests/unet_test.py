@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from diffjax.cond import Cond
 from diffjax.models.layers import timestep_embedding
 from diffjax.models.unet import UNet
 
@@ -60,18 +61,18 @@ def test_shapes_conditioning_and_dropout(tiny):
     t = jnp.array([3, 500])
     model = UNet(**tiny, num_classes=10, out_channels=6)
     params = model.init(
-        jax.random.key(1), x, t, label=jnp.array([1, 10]), concat=jnp.zeros((2, 8, 8, 2))
+        jax.random.key(1), x, t, Cond(label=jnp.array([1, 10]), concat=jnp.zeros((2, 8, 8, 2)))
     )["params"]
     out = model.apply(
-        {"params": params}, x, t, label=jnp.array([1, 10]), concat=jnp.ones((2, 8, 8, 2))
+        {"params": params}, x, t, Cond(label=jnp.array([1, 10]), concat=jnp.ones((2, 8, 8, 2)))
     )
     assert out.shape == (2, 8, 8, 6) and out.dtype == jnp.float32
     # Dropout is active only with train=True, and then depends on the dropout key.
-    kw = dict(label=jnp.array([1, 2]), concat=jnp.ones((2, 8, 8, 2)))
-    ev = [model.apply({"params": params}, x, t, **kw) for _ in range(2)]
+    c = Cond(label=jnp.array([1, 2]), concat=jnp.ones((2, 8, 8, 2)))
+    ev = [model.apply({"params": params}, x, t, c) for _ in range(2)]
     np.testing.assert_array_equal(ev[0], ev[1])
     with pytest.raises(ValueError, match="num_classes"):
-        model.apply({"params": params}, x, t, concat=jnp.ones((2, 8, 8, 2)))
+        model.apply({"params": params}, x, t, Cond(concat=jnp.ones((2, 8, 8, 2))))
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny):

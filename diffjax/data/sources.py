@@ -163,6 +163,7 @@ class RecordSource:
       name: the dataset name given to `load_source`.
       split: the split read.
       num_classes: number of label classes (1 when the dataset has no labels; label is then 0).
+      has_labels: whether the dataset has a ClassLabel feature.
       directory: where the prepared files live.
     """
 
@@ -172,6 +173,7 @@ class RecordSource:
         self._label_key = label_key
         self.name, self.split = name, split
         self.num_classes = info.features[label_key].num_classes if label_key else 1
+        self.has_labels = label_key is not None
         instructions = info.splits[split].file_instructions  # one per file, in index order
         self._files = [inst.filename for inst in instructions]
         self._ends = np.cumsum([inst.take for inst in instructions])

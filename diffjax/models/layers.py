@@ -14,6 +14,15 @@ Dtype = Any
 Padding = str | tuple[tuple[int, int], tuple[int, int]]
 
 
+class ShapeError(ValueError):
+    """A network setting that does not fit the shapes it meets; `field` names the setting (or
+    "input" for the input's own shape), so config checks can name the config field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
     """Sinusoidal embedding of t: [B] → [B, dim] (Transformer §3.5, as used by DDPM).
 
@@ -76,7 +85,7 @@ class GroupNorm(nn.Module):
     def __call__(self, x: Array) -> Array:
         n, c, g = x.shape[0], x.shape[-1], self.num_groups
         if c % g:
-            raise ValueError(f"GroupNorm: {c} channels are not divisible into {g} groups")
+            raise ShapeError("num_groups", f"{c} channels are not divisible into {g} groups")
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         xf = x.reshape(n, -1, c).astype(jnp.float32)
@@ -120,14 +129,17 @@ class ResBlock(nn.Module):
         return x + h
 
 
-def attention(q: Array, k: Array, v: Array) -> Array:
+def attention(q: Array, k: Array, v: Array, mask: Array | None = None) -> Array:
     """softmax(q kᵀ / √d) v over [N, L, d] operands, the softmax in float32.
 
+    `mask` [N, L_k] bool: False keys (padding) get exactly zero weight; each row needs one True.
     The normalisation divides the [N, L, d] output rather than the [N, L, L] weights, which
     saves a full pass over the weights forwards and a reduction over them backwards. The max
     shift is a constant to autodiff.
     """
     logits = jnp.einsum("nqd,nkd->nqk", q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, :], logits, jnp.finfo(jnp.float32).min)
     e = jnp.exp(logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True)))
     out = jnp.einsum("nqk,nkd->nqd", e.astype(v.dtype), v).astype(jnp.float32)
     return (out / e.sum(axis=-1, keepdims=True)).astype(v.dtype)
@@ -148,6 +160,8 @@ class AttentionBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, hgt, wid, c = x.shape
+        if self.head_dim is not None and (self.head_dim < 1 or c % self.head_dim):
+            raise ShapeError("head_dim", f"{self.head_dim} does not divide {c} channels")
         heads = 1 if self.head_dim is None else c // self.head_dim
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = GroupNorm(self.num_groups, self.norm_eps, **kw)(x).reshape(b, -1, c)

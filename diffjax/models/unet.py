@@ -7,16 +7,19 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffjax.cond import NONE, Cond
 from diffjax.models.layers import (
     AttentionBlock,
     Conv,
     Downsample,
     GroupNorm,
     ResBlock,
+    ShapeError,
     Upsample,
     timestep_embedding,
     zero_init,
 )
+from diffjax.models.transformer import SpatialTransformer
 
 Array = jnp.ndarray
 
@@ -31,6 +34,12 @@ class UNet(nn.Module):
       attention_resolutions: spatial sizes (e.g. (16,)) at which self-attention follows each block.
       mid_attention: self-attention between the two middle residual blocks.
       head_dim: channels per attention head; None = one head over all channels (DDPM).
+      num_heads: a fixed number of heads at every level instead (Stable Diffusion 1.x: 8);
+        wins over head_dim.
+      context_dim: > 0: text-conditioned. The attention at attention_resolutions (and in the
+        middle) becomes a SpatialTransformer (self-attention, cross-attention on the context
+        [B, L, context_dim], GEGLU feed-forward), Stable Diffusion's layout.
+      transformer_depth: TransformerBlocks per SpatialTransformer.
       dropout: dropout rate inside residual blocks (active when train=True).
       num_groups, norm_eps: GroupNorm settings.
       out_channels: output channels; None = the channels of x (2x that for learned variances).
@@ -48,6 +57,9 @@ class UNet(nn.Module):
     attention_resolutions: Sequence[int] = (16,)
     mid_attention: bool = True
     head_dim: int | None = None
+    num_heads: int | None = None
+    context_dim: int = 0
+    transformer_depth: int = 1
     dropout: float = 0.1
     num_groups: int = 32
     norm_eps: float = 1e-6
@@ -57,15 +69,54 @@ class UNet(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
+    def _check_shapes(self, size: tuple[int, int]) -> None:
+        levels = len(self.channel_mults)
+        if levels < 1:
+            raise ShapeError("channel_mults", "needs at least one level")
+        factor = 2 ** (levels - 1)
+        if min(size) < 1 or size[0] % factor or size[1] % factor:
+            raise ShapeError(
+                "input",
+                f"{size[0]}x{size[1]} must be a positive multiple of 2^(levels-1) = {factor} on "
+                f"each side for {levels} levels (channel_mults={tuple(self.channel_mults)})",
+            )
+        sizes = {size[0] // 2**i for i in range(levels)}
+        if set(self.attention_resolutions) - sizes:
+            raise ShapeError(
+                "attention_resolutions",
+                f"{tuple(self.attention_resolutions)} names sizes the network never has; its "
+                f"sizes are {sorted(sizes, reverse=True)}",
+            )
+
+    def _heads(self, channels: int) -> int:
+        if self.num_heads:
+            if channels % self.num_heads:
+                raise ShapeError("num_heads", f"{self.num_heads} does not divide {channels}")
+            return self.num_heads
+        if self.head_dim:
+            if channels % self.head_dim:
+                raise ShapeError("head_dim", f"{self.head_dim} does not divide {channels}")
+            return channels // self.head_dim
+        return 1
+
+    def _check_context(self, cond: Cond) -> None:
+        if self.context_dim and cond.context is None:
+            raise ValueError("this UNet has context_dim > 0: pass Cond(context=[B, L, D], ...)")
+        if not self.context_dim and cond.context is not None:
+            raise ValueError("Cond.context given to a UNet with context_dim=0 (no cross-attention)")
+        if self.context_dim and cond.context.shape[-1] != self.context_dim:
+            raise ShapeError(
+                "context_dim",
+                f"{self.context_dim}, but the context has width {cond.context.shape[-1]}",
+            )
+
     @nn.compact
     def __call__(
         self,
         x: Array,
         t: Array,
+        cond: Cond | None = None,
         *,
-        label: Array | None = None,
-        concat: Array | None = None,
-        context: Array | None = None,
         train: bool = False,
     ) -> Array:
         """Predicts the target for a noisy batch.
@@ -73,16 +124,18 @@ class UNet(nn.Module):
         Args:
           x: x_t [B, H, W, C].
           t: timesteps [B] int32 (or float, for continuous time).
-          label: class labels [B] int32, when num_classes > 0.
-          concat: spatial conditions [B, H, W, C'] concatenated to x along channels.
-          context: a sequence [B, L, D] for cross-attention (not yet supported).
+          cond: the condition (`diffjax.cond.Cond`; None = unconditional): `label` [B] int32
+            when num_classes > 0 (`num_classes` itself is the null class), `context`
+            [B, L, context_dim] with `context_mask` [B, L] bool when context_dim > 0, `concat`
+            [B, H, W, C'] concatenated to x along channels.
           train: enables dropout (needs a 'dropout' rng).
 
         Returns:
           [B, H, W, out_channels] in float32.
         """
-        if context is not None:
-            raise NotImplementedError("cross-attention on a context sequence is not built yet")
+        cond = NONE if cond is None else cond
+        self._check_shapes(x.shape[1:3])
+        self._check_context(cond)
         out_channels = self.out_channels or x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block_kw = dict(num_groups=self.num_groups, norm_eps=self.norm_eps, **kw)
@@ -95,7 +148,13 @@ class UNet(nn.Module):
                 cls = nn.remat(cls, static_argnums=static_argnums)
             return cls(*args, **block_kw, name=f"{cls.__name__.removeprefix('Checkpoint')}_{index}")
 
-        attn = lambda h: block(AttentionBlock, self.head_dim)(h)
+        def attn(h):
+            if not self.context_dim:
+                return block(AttentionBlock, self.head_dim)(h)
+            heads = self._heads(h.shape[-1])
+            st = block(SpatialTransformer, heads, h.shape[-1] // heads, self.transformer_depth)
+            return st(h, cond.context, cond.context_mask)
+
         # static_argnums counts self: (self, x, temb, train) → train is 3.
         res = lambda h, ch: block(ResBlock, ch, self.dropout, static_argnums=(3,))(h, temb, train)
 
@@ -103,11 +162,13 @@ class UNet(nn.Module):
         temb = timestep_embedding(t, self.base_channels)
         temb = nn.Dense(temb_dim, **kw)(nn.silu(nn.Dense(temb_dim, **kw)(temb)))
         if self.num_classes:
-            if label is None:
-                raise ValueError("this UNet has num_classes > 0: pass label=[B] int32")
-            temb = temb + nn.Embed(self.num_classes + 1, temb_dim, **kw)(label)
-        if concat is not None:
-            x = jnp.concatenate([x, concat.astype(x.dtype)], axis=-1)
+            if cond.label is None:
+                raise ValueError("this UNet has num_classes > 0: pass Cond(label=[B] int32)")
+            temb = temb + nn.Embed(self.num_classes + 1, temb_dim, **kw)(cond.label)
+        elif cond.label is not None:
+            raise ValueError("Cond.label given to a UNet with num_classes=0 (unconditional)")
+        if cond.concat is not None:
+            x = jnp.concatenate([x, cond.concat.astype(x.dtype)], axis=-1)
 
         h = Conv(self.base_channels, **kw)(x)
         skips = [h]

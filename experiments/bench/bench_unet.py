@@ -90,8 +90,10 @@ def worker(
     b, shape = spec["batch"], spec["shape"]
     mesh = sharding.make_mesh(jax.device_count())
     model = UNet(**spec["model"], dtype=jnp.dtype(dtype))
-    tx = steps.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 0.0)
-    state = steps.create_train_state(model, tx, shape, jax.random.key(0), mesh, num_timesteps=1000)
+    tx = train_state.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 0.0)
+    state = train_state.create_train_state(
+        model, tx, shape, jax.random.key(0), mesh, num_timesteps=1000
+    )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     out = dict(
         case=case,
@@ -103,7 +105,7 @@ def worker(
         backend=jax.default_backend(),
     )
     if mode == "train":
-        abstract = steps.abstract_train_state(model, tx, shape, mesh, num_timesteps=1000)
+        abstract = train_state.abstract_train_state(model, tx, shape, mesh, num_timesteps=1000)
         step = steps.make_train_step(
             model, schedules.make_schedule("linear", 1000), tx, mesh, abstract
         )

@@ -1,0 +1,125 @@
+"""The condition pytree that travels from the data to the network through losses and samplers."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+
+Array = jnp.ndarray
+
+
+@flax.struct.dataclass
+class Cond:
+    """What the network is conditioned on, batched like x_t; unused fields are None.
+
+    Attributes:
+      label: class labels [B] int32; the U-Net's `num_classes` is the "no label" (null) class.
+      context: a sequence [B, L, D] for cross-attention (e.g. a text encoder's hidden states).
+      context_mask: [B, L] bool, True at real tokens; padded tokens get no attention weight.
+      concat: spatial conditions [B, H, W, C'] concatenated to x_t along channels.
+    """
+
+    label: Array | None = None
+    context: Array | None = None
+    context_mask: Array | None = None
+    concat: Array | None = None
+
+
+NONE = Cond()  # the unconditional model's condition
+
+
+def concat_batch(a: Cond, b: Cond) -> Cond:
+    """[a; b] along the batch, field by field (both must use the same fields)."""
+    return jax.tree.map(lambda u, v: jnp.concatenate([u, v.astype(u.dtype)]), a, b)
+
+
+def take(c: Cond, index: Array) -> Cond:
+    """The examples `index` of every field."""
+    return jax.tree.map(lambda a: a[index], c)
+
+
+def null_like(c: Cond, null_label: int, null_context: Cond | None = None) -> Cond:
+    """The "unconditional" side of `c` for classifier-free guidance and training dropout.
+
+    Labels become the null class; the text side becomes `null_context`'s (context, mask) (e.g. the
+    encoding of the empty prompt, or of a negative prompt), broadcast over the batch; a spatial
+    `concat` stays: it is part of the input, not of the prompt.
+    """
+    label = None if c.label is None else jnp.full_like(c.label, null_label)
+    context, mask = c.context, c.context_mask
+    if c.context is not None:
+        if null_context is None or null_context.context is None:
+            raise ValueError("a text-conditioned Cond needs null_context (the empty prompt's)")
+        b = c.context.shape[0]
+        context = jnp.broadcast_to(null_context.context, (b, *null_context.context.shape[1:]))
+        mask = jnp.broadcast_to(
+            null_context.context_mask, (b, *null_context.context_mask.shape[1:])
+        )
+    return Cond(label=label, context=context, context_mask=mask, concat=c.concat)
+
+
+def drop(c: Cond, key: Array, prob: float, null_label: int, null_context: Cond | None = None):
+    """Replaces each example's condition by the null one with probability `prob` (independently
+    per example, from `key`): the training side of classifier-free guidance (Ho & Salimans 2021).
+    """
+    if prob <= 0 or (c.label is None and c.context is None):
+        return c
+    batch = (c.label if c.label is not None else c.context).shape[0]
+    dropped = jax.random.bernoulli(key, prob, (batch,))
+    null = null_like(c, null_label, null_context)
+
+    def pick(n, a):
+        return jnp.where(dropped.reshape((-1,) + (1,) * (a.ndim - 1)), n, a)
+
+    return Cond(
+        label=None if c.label is None else pick(null.label, c.label),
+        context=None if c.context is None else pick(null.context, c.context),
+        context_mask=None if c.context_mask is None else pick(null.context_mask, c.context_mask),
+        concat=c.concat,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditioner:
+    """How a training batch becomes the network's condition, and what its null side is.
+
+    Attributes:
+      num_classes: > 0: class-conditional on `batch["label"]`; the null label is `num_classes`.
+      drop_prob: probability of training an example on the null condition (classifier-free
+        guidance needs the model to know both sides).
+    """
+
+    num_classes: int = 0
+    drop_prob: float = 0.0
+
+    @property
+    def conditional(self) -> bool:
+        """Whether there is a condition to guide by (and a null side to train)."""
+        return self.num_classes > 0
+
+    def example(self, batch: int = 1) -> Cond:
+        """A condition of the right structure and shapes, e.g. for initialising the network."""
+        return self.labels(jnp.zeros((batch,), jnp.int32)) if self.num_classes else NONE
+
+    def labels(self, labels: Array) -> Cond:
+        """The condition for given class labels [B] int32 (sampling)."""
+        return Cond(label=jnp.asarray(labels, jnp.int32)) if self.num_classes else NONE
+
+    def from_batch(self, batch: dict, frozen: Any = None) -> Cond:
+        """The condition of a batch of examples (`frozen`: parameters of frozen networks)."""
+        return self.labels(batch["label"]) if self.num_classes else NONE
+
+    def null(self, c: Cond, frozen: Any = None) -> Cond:
+        """The unconditional side of `c` (same batch)."""
+        return null_like(c, self.num_classes)
+
+    def drop(self, c: Cond, key: Array, frozen: Any = None) -> Cond:
+        """`c` with each example replaced by the null condition with probability `drop_prob`."""
+        return drop(c, key, self.drop_prob, self.num_classes)
+
+
+UNCONDITIONAL = Conditioner()  # the unconditional model's

@@ -1,0 +1,148 @@
+"""Class-conditional digits end to end: train, resume, sample by label from the CLI, bad labels."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import TEST_XLA_FLAGS
+from PIL import Image
+
+from configs import digits_class
+from diffjax import build, checkpoint, config_check, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(data_dir, **train_overrides):
+    config = digits_class.get_config("tiny")
+    config.data.data_dir = str(data_dir)
+    config.train.update(train_overrides)
+    return config
+
+
+def _cli(workdir, data_dir, *flags):
+    return [
+        sys.executable,
+        "-m",
+        "diffjax.main",
+        "--config",
+        f"{ROOT}/configs/digits_class.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *flags,
+    ]
+
+
+def _run_all(cases: dict) -> dict:
+    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    procs = {
+        name: subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, cmd in cases.items()
+    }
+    return {name: (p.wait(timeout=600), *p.communicate()) for name, p in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny class-conditional run: 4 steps, then resumed to 6 in the same workdir."""
+    data_dir, work = tmp_path_factory.mktemp("tfds"), tmp_path_factory.mktemp("run")
+    train.train_and_evaluate(_config(data_dir, num_steps=4, checkpoint_every_steps=2), str(work))
+    return data_dir, work
+
+
+def test_train_resume_and_the_final_grid_cover_every_class(trained, caplog):
+    data_dir, work = trained
+    caplog.set_level(logging.INFO, logger="diffjax")
+    train.train_and_evaluate(_config(data_dir, num_steps=6, checkpoint_every_steps=2), str(work))
+    assert "resumed from step 4" in caplog.text
+    ckpt = checkpoint.Checkpointer(str(work / "checkpoints"))
+    assert ckpt.all_steps()[-1] == 6
+    ckpt.close()
+    final = np.load(work / "samples" / "step_0000006.npz")
+    # Without --label the classes come in turn: 16 samples, a grid column per class.
+    np.testing.assert_array_equal(final["labels"], np.arange(16) % 10)
+    settings = json.loads(str(final["settings"]))
+    assert settings["guidance_scale"] == "2.0" and settings["sampler"] == "ddpm"
+
+
+def test_sample_by_label_from_the_cli(trained):
+    data_dir, work = trained
+    results = _run_all(
+        {
+            "three": _cli(work, data_dir, "--mode=sample", "--label=3", "--num_samples=8"),
+            "all": _cli(
+                work,
+                data_dir,
+                "--mode=sample",
+                "--label=all",
+                "--num_samples=20",
+                "--config.sampler.guidance_scale=4",
+                "--step=2",
+            ),
+        }
+    )
+    for name, (rc, _, err) in results.items():
+        assert rc == 0, (name, err[-3000:])
+    three = np.load(work / "samples" / "sample_0000006.npz")
+    assert three["images"].shape == (8, 8, 8, 1) and set(three["labels"]) == {3}
+    grid = np.load(work / "samples" / "sample_0000002.npz")
+    np.testing.assert_array_equal(grid["labels"], np.repeat(np.arange(10), 2))
+    png = Image.open(work / "samples" / "sample_0000002.png")
+    assert png.text["label"] == "all" and png.text["guidance_scale"] == "4.0"
+    assert png.text["checkpoint_step"] == "2"
+    # A row per class: 2 columns of upscaled 8x8 cells (6x -> 48 px, 3 px padding).
+    assert png.size[0] < png.size[1]
+
+
+def test_bad_labels_are_one_line_errors(trained):
+    data_dir, work = trained
+    before = sorted(os.listdir(work / "samples"))
+    unconditional = [
+        sys.executable,
+        "-m",
+        "diffjax.main",
+        "--config",
+        f"{ROOT}/configs/digits.py:tiny",
+        f"--workdir={work}",
+        "--mode=sample",
+        "--label=3",
+    ]
+    results = _run_all(
+        {
+            "out_of_range": _cli(work, data_dir, "--mode=sample", "--label=10"),
+            "not_a_class": _cli(work, data_dir, "--mode=sample", "--label=seven"),
+            "in_train": _cli(work, data_dir, "--label=3"),
+            "unconditional": unconditional,
+            "guidance_without_dropout": _cli(
+                work, data_dir, "--mode=sample", "--config.model.cond_drop_prob=0"
+            ),
+        }
+    )
+    expected = {
+        "out_of_range": ["--label=10", "[0, 9]"],
+        "not_a_class": ["--label=seven", "'all'"],
+        "in_train": ["--label is for --mode=sample"],
+        "unconditional": ["unconditional", "num_classes=0"],
+        "guidance_without_dropout": ["sampler.guidance_scale", "cond_drop_prob"],
+    }
+    for name, (rc, _, err) in results.items():
+        lines = [x for x in err.splitlines() if x.startswith("diffjax: ")]
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (name, err[-2000:])
+        for words in expected[name]:
+            assert words in lines[0], (name, lines[0])
+    assert sorted(os.listdir(work / "samples")) == before
+
+
+def test_num_classes_is_checked_against_the_dataset_before_compiling(tmp_path, compiles):
+    config = _config(tmp_path / "tfds")
+    config.model.num_classes = 7
+    source = build.open_split(config, "train")
+    with compiles.none_expected("the label check"):
+        with pytest.raises(config_check.ConfigError, match="has 10 classes; set model.num_cl"):
+            build.check_dataset_labels(config, source)
