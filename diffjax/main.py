@@ -9,6 +9,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from diffjax import checkpoint, cli, config_check, data, infer, train
+from diffjax.data import tokenizer
+from diffjax.models import pretrained
 
 # Errors the user fixes (exit 2), and failures of a run that was set up right (exit 1).
 BAD_INPUT_ERRORS = (
@@ -16,6 +18,8 @@ BAD_INPUT_ERRORS = (
     config_check.ConfigError,
     data.DatasetError,
     checkpoint.CheckpointError,
+    pretrained.PretrainedError,
+    tokenizer.TokenizerError,
 )
 RUNTIME_ERRORS = (train.NonFiniteLossError,)
 
@@ -36,6 +40,17 @@ flags.DEFINE_string(
     None,
     "Class-conditional models, --mode=sample: a class index (every sample of that class) or "
     "'all' (a grid with one row per class). Default: the classes in turn.",
+)
+flags.DEFINE_string(
+    "prompt",
+    None,
+    "Text models, --mode=sample: the text to draw (every sample). Default: the training grid's "
+    "prompts in turn.",
+)
+flags.DEFINE_string(
+    "negative_prompt",
+    None,
+    "Text models, --mode=sample: the null side of guidance instead of the empty prompt.",
 )
 flags.DEFINE_bool(
     "distributed",
@@ -88,7 +103,17 @@ def main(argv):
         else:
             cli.check_writable_dir(os.path.join(FLAGS.workdir, "samples"), "--workdir's samples/")
             label = FLAGS.label if FLAGS.label in (None, "all") else int(FLAGS.label)
-            print(infer.sample(config, FLAGS.workdir, FLAGS.step, FLAGS.num_samples, label))
+            print(
+                infer.sample(
+                    config,
+                    FLAGS.workdir,
+                    FLAGS.step,
+                    FLAGS.num_samples,
+                    label,
+                    FLAGS.prompt,
+                    FLAGS.negative_prompt,
+                )
+            )
     except BAD_INPUT_ERRORS as e:  # something the user can fix: the message, not a traceback
         cli.fail(_one_line(e), cli.BAD_INPUT, e)
     except RUNTIME_ERRORS as e:
@@ -117,6 +142,7 @@ def _check_flags() -> None:
     if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
         raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
     _check_label(FLAGS.label, FLAGS.config.model.num_classes)
+    _check_prompts(FLAGS.config.text.encoder)
     if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
         raise cli.BadInput(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 1 (or leave it out)")
     if FLAGS.mode == "train":
@@ -127,6 +153,8 @@ def _check_flags() -> None:
             )
         if FLAGS.label is not None:
             raise cli.BadInput("--label is for --mode=sample (training sees the dataset's labels)")
+        if FLAGS.prompt is not None or FLAGS.negative_prompt is not None:
+            raise cli.BadInput("--prompt is for --mode=sample (training sees the captions)")
         if FLAGS.num_samples is not None:
             raise cli.BadInput(
                 "--num_samples is for --mode=sample; the training grids use "
@@ -153,6 +181,19 @@ def _check_label(label: str | None, num_classes: int) -> None:
         raise cli.BadInput(
             f"--label={label}: a class index in [0, {num_classes - 1}] or 'all' "
             f"(config.model.num_classes={num_classes})"
+        )
+
+
+def _check_prompts(encoder: str) -> None:
+    given = [f for f in ("prompt", "negative_prompt") if FLAGS[f].value is not None]
+    if given and not encoder:
+        raise cli.BadInput(
+            f"--{given[0]}: this model has no text conditioning (config.text.encoder=''); "
+            f"train a text model (configs/digits_text.py)"
+        )
+    if FLAGS.prompt is not None and not FLAGS.prompt.strip():
+        raise cli.BadInput(
+            "--prompt is empty: give the text to draw, e.g. --prompt='a handwritten 3'"
         )
 
 

@@ -76,6 +76,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         log.info("resumed from step %d in %s", last_saved, ckpt.directory)
     source = build.open_split(config, d.train_split)
     build.check_dataset_labels(config, source)
+    captions = build.captions(config, source) if setup.conditioner.text else None
+    if captions is not None:
+        setup.load_text(workdir, captions)
     if (warning := data.upsampling_warning(source, d.image_size)) is not None:
         log.warning("%s: %s", d.name, warning)
     train_iter = data.make_train_iterator(
@@ -86,6 +89,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         seed=config.seed,
         random_flip=d.random_flip,
         worker_count=d.worker_count,
+        captions=captions,
     )
     if data_state is not None:
         _continue_stream(train_iter, data_state["train_iter"], ckpt)

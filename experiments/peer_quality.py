@@ -28,6 +28,7 @@ sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
 from diffjax import build, infer, quality, samplers, sharding, steps  # noqa: E402
+from diffjax.cond import NONE  # noqa: E402
 
 PEER_DIR = os.path.join(ROOT, "..", "shared", "peers", "samples")
 # The peer's two samplers: (diffjax sampler, steps, spacing, eta, variance).
@@ -61,17 +62,18 @@ def _sample(setup, params, config, key: str, num: int) -> np.ndarray:
         setup.model,
         setup.schedule,
         setup.mesh,
-        (BATCH, *setup.image_shape),
         sampler=name,
         pred=pred,
         variance=variance,
         params_sharding=setup.params_sharding,
     )
+    noise = steps.make_noise_fn(setup.mesh, (BATCH, *setup.image_shape))
     table = samplers.timestep_table(setup.schedule.num_steps, n_steps, spacing)
     out = []
     for b in range(-(-num // BATCH)):
-        key_b = jax.random.fold_in(setup.sample_key, b)
-        out.append(sharding.to_host(fn(params, key_b, table, np.int32(n_steps), np.float32(eta))))
+        noise_key, loop_key = jax.random.split(jax.random.fold_in(setup.sample_key, b))
+        x_T = noise(noise_key)
+        out.append(sharding.to_host(fn(params, x_T, NONE, loop_key, table, n_steps, eta)))
     return np.concatenate(out)[:num]
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 
@@ -16,6 +17,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 # Share of the images held out as 'test', picked by a hash of each file's path relative to the
 # folder: the split survives moving the folder and adding files (old files keep their split).
 TEST_FRACTION = 0.05
+# Captions, as Hugging Face image folders keep them: one JSON object per line with the image's
+# path relative to the folder ("file_name") and its caption ("text").
+METADATA_FILE = "metadata.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,17 +31,20 @@ class Listing:
       files: image paths relative to `root`, sorted.
       labels: class index of each file (0 for every file when the images sit directly in `root`).
       class_names: sorted subfolder names, or the folder's own name when there are no subfolders.
+      texts: each file's caption from metadata.jsonl, or None when the folder has none.
     """
 
     root: str
     files: tuple[str, ...]
     labels: tuple[int, ...]
     class_names: tuple[str, ...]
+    texts: tuple[str, ...] | None = None
 
     def fingerprint(self) -> str:
-        """A hash of every file's relative path, size and modification time."""
+        """A hash of every file's relative path, size and modification time (and the captions')."""
         digest = hashlib.sha256()
-        for rel in self.files:
+        extra = (METADATA_FILE,) if self.texts is not None else ()
+        for rel in self.files + extra:
             stat = os.stat(os.path.join(self.root, rel))
             digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()
@@ -85,12 +92,59 @@ def scan(folder: str | os.PathLike) -> Listing:
             "directly inside it or in one subfolder per class)."
         )
     if top_files:
-        return Listing(root, tuple(top_files), (0,) * len(top_files), (os.path.basename(root),))
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        files += classes[name]
-        labels += [label] * len(classes[name])
-    return Listing(root, tuple(files), tuple(labels), tuple(classes))
+        files, labels, names = top_files, [0] * len(top_files), (os.path.basename(root),)
+    else:
+        files, labels = [], []
+        for label, name in enumerate(classes):
+            files += classes[name]
+            labels += [label] * len(classes[name])
+        names = tuple(classes)
+    texts = read_captions(root, files)
+    return Listing(root, tuple(files), tuple(labels), names, texts)
+
+
+def read_captions(root: str, files: list[str]) -> tuple[str, ...] | None:
+    """Each file's caption from `<root>/metadata.jsonl`, or None when there is no such file.
+
+    Raises:
+      DatasetError: a line is not a JSON object with string "file_name" and "text", or some
+        images have no caption (listed, so they can be added), or a caption names no image.
+    """
+    path = os.path.join(root, METADATA_FILE)
+    if not os.path.isfile(path):
+        return None
+    captions = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                name, text = entry["file_name"], entry["text"]
+                if not isinstance(name, str) or not isinstance(text, str):
+                    raise TypeError("file_name and text must be strings")
+            except (ValueError, KeyError, TypeError) as err:
+                raise DatasetError(
+                    f'{path}, line {number}: not a JSON object with "file_name" and "text" '
+                    f"({type(err).__name__}: {err})"
+                ) from None
+            captions[os.path.normpath(name)] = text
+    missing = [f for f in files if f not in captions]
+    if missing:
+        shown = ", ".join(missing[:5]) + (
+            f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        )
+        raise DatasetError(
+            f"{path} has no caption for {len(missing)} of the {len(files)} images ({shown}): "
+            f'add a line {{"file_name": ..., "text": ...}} for each, or remove the file'
+        )
+    unknown = sorted(set(captions) - set(files))
+    if unknown:
+        raise DatasetError(
+            f"{path} captions {len(unknown)} file(s) that are not images of the folder "
+            f"({', '.join(unknown[:5])}); fix their file_name"
+        )
+    return tuple(captions[f] for f in files)
 
 
 def _hash_unit(text: str) -> float:
@@ -181,6 +235,7 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
                 {
                     "image": tfds.features.Image(shape=(None, None, 3)),
                     "label": tfds.features.ClassLabel(names=self.listing.class_names),
+                    **({"text": tfds.features.Text()} if self.listing.texts is not None else {}),
                 }
             ),
             supervised_keys=("image", "label"),
@@ -212,7 +267,10 @@ class ImageFolder(tfds.core.GeneratorBasedBuilder):
             except DatasetError as error:
                 unreadable.append(str(error))
                 continue
-            yield rel, {"image": image, "label": self.listing.labels[i]}
+            example = {"image": image, "label": self.listing.labels[i]}
+            if self.listing.texts is not None:
+                example["text"] = self.listing.texts[i]
+            yield rel, example
         if unreadable:
             shown = "\n  ".join(unreadable[:20])
             more = f"\n  ... and {len(unreadable) - 20} more" if len(unreadable) > 20 else ""

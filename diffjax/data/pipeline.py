@@ -62,9 +62,26 @@ def upsampling_warning(source, image_size: int, probe: int = 32) -> str | None:
     )
 
 
-def _example(record, image_size: int, channels: int) -> dict:
+def _example(record, image_size: int, channels: int, captions=None) -> dict:
     image = preprocess_image(record["image"], image_size, channels)
-    return {"image": image, "label": np.int32(record.get("label", 0))}
+    example = {"image": image, "label": np.int32(record.get("label", 0))}
+    if captions is not None:
+        example["caption_choices"] = np.asarray(captions.choices(record), np.int32)
+    return example
+
+
+def _pick_caption(example: dict, rng: np.random.Generator) -> dict:
+    """One of the example's captions, drawn anew each epoch (a pure function of the position)."""
+    example = dict(example)
+    choices = example.pop("caption_choices")
+    example["caption"] = np.int32(choices[rng.integers(len(choices))])
+    return example
+
+
+def _first_caption(example: dict) -> dict:
+    example = dict(example)
+    example["caption"] = np.int32(example.pop("caption_choices")[0])
+    return example
 
 
 def _random_flip(example: dict, rng: np.random.Generator) -> dict:
@@ -187,6 +204,7 @@ def make_train_iterator(
     worker_count: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    captions=None,
 ) -> TrainIterator:
     """The training stream: this process's shard, reshuffled every epoch, repeated forever.
 
@@ -200,6 +218,8 @@ def make_train_iterator(
       worker_count: grain worker processes (0: threads in this process; > 0 needs absl flags
         parsed, i.e. run under absl.app.run, and a `__main__` guard).
       process_index, process_count: this process's shard; default jax.process_index()/count().
+      captions: a `data.captions.Captions`: batches then carry 'caption' int32 [b], an index into
+        `captions.texts`, drawn per example and epoch among the example's captions.
 
     Returns:
       A TrainIterator (see its docstring for the checkpointable state).
@@ -208,11 +228,17 @@ def make_train_iterator(
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
     process_index, process_count = _process(process_index, process_count)
     batch = _per_process_batch(global_batch, process_count)
-    shuffle_seed, flip_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    seeds = np.random.SeedSequence(seed).generate_state(3)
+    shuffle_seed, flip_seed, caption_seed = (int(s) for s in seeds)
     dataset = _shard(source, process_index, process_count).shuffle(seed=shuffle_seed).repeat()
-    dataset = dataset.map(functools.partial(_example, image_size=image_size, channels=channels))
+    example = functools.partial(
+        _example, image_size=image_size, channels=channels, captions=captions
+    )
+    dataset = dataset.map(example)
     if random_flip:
         dataset = dataset.random_map(_random_flip, seed=flip_seed)
+    if captions is not None:
+        dataset = dataset.random_map(_pick_caption, seed=caption_seed)
     identity = {
         "num_examples": len(source),
         "global_batch": global_batch,
@@ -230,6 +256,7 @@ def make_eval_iterator(
     batch_size: int,
     process_index: int | None = None,
     process_count: int | None = None,
+    captions=None,
 ):
     """One pass over `source` in order (no shuffle, no flip), padded so no example is lost.
 
@@ -245,9 +272,11 @@ def make_eval_iterator(
       channels: 1 or 3.
       batch_size: batch over all processes; must be a multiple of the process count.
       process_index, process_count: this process's shard; default jax.process_index()/count().
+      captions: as in make_train_iterator; each example takes its first caption.
 
     Returns:
-      An iterator of {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b]}.
+      An iterator of {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b]}
+      (and 'caption': int32 [b] with captions).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
@@ -255,29 +284,36 @@ def make_eval_iterator(
     batch = _per_process_batch(batch_size, process_count)
     num_batches = math.ceil(math.ceil(len(source) / process_count) / batch)
     dataset = _shard(source, process_index, process_count)
-    dataset = dataset.map(functools.partial(_example, image_size=image_size, channels=channels))
+    example = functools.partial(
+        _example, image_size=image_size, channels=channels, captions=captions
+    )
+    dataset = dataset.map(example)
+    if captions is not None:
+        dataset = dataset.map(_first_caption)
     dataset = dataset.batch(batch, drop_remainder=False).to_iter_dataset(
         grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
     )
-    return _padded(dataset, num_batches, batch, (image_size, image_size, channels))
+    shape = (image_size, image_size, channels)
+    return _padded(dataset, num_batches, batch, shape, captions is not None)
 
 
-def _padded(dataset, num_batches: int, batch: int, image_shape: tuple[int, ...]):
+def _padded(dataset, num_batches: int, batch: int, image_shape: tuple[int, ...], captions: bool):
     def empty():
-        return {
+        out = {
             "image": np.zeros((batch, *image_shape), np.float32),
             "label": np.zeros((batch,), np.int32),
             "mask": np.zeros((batch,), bool),
         }
+        if captions:
+            out["caption"] = np.zeros((batch,), np.int32)
+        return out
 
     produced = 0
     for partial in dataset:
         out, size = empty(), len(partial["label"])
-        out["image"][:size], out["label"][:size], out["mask"][:size] = (
-            partial["image"],
-            partial["label"],
-            True,
-        )
+        for k, v in partial.items():
+            out[k][:size] = v
+        out["mask"][:size] = True
         produced += 1
         yield out
     for _ in range(num_batches - produced):  # this process's shard ran out before the others

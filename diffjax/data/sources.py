@@ -65,6 +65,14 @@ def _label_key(info) -> str | None:
     return None
 
 
+def _text_key(info) -> str | None:
+    """The caption feature: a top-level Text feature named text, caption or captions."""
+    for key in ("text", "caption", "captions"):
+        if key in info.features and isinstance(info.features[key], tfds.features.Text):
+            return key
+    return None
+
+
 def _image_key(info, name: str) -> str:
     """'image' if present, else the only top-level Image feature."""
     images = [k for k, f in info.features.items() if isinstance(f, tfds.features.Image)]
@@ -164,6 +172,7 @@ class RecordSource:
       split: the split read.
       num_classes: number of label classes (1 when the dataset has no labels; label is then 0).
       has_labels: whether the dataset has a ClassLabel feature.
+      has_text: whether records carry a caption (`record["text"]`, from a Text feature).
       directory: where the prepared files live.
     """
 
@@ -174,6 +183,8 @@ class RecordSource:
         self.name, self.split = name, split
         self.num_classes = info.features[label_key].num_classes if label_key else 1
         self.has_labels = label_key is not None
+        self._text_key = _text_key(info)
+        self.has_text = self._text_key is not None
         instructions = info.splits[split].file_instructions  # one per file, in index order
         self._files = [inst.filename for inst in instructions]
         self._ends = np.cumsum([inst.take for inst in instructions])
@@ -184,7 +195,22 @@ class RecordSource:
 
     def _record(self, raw) -> dict:
         label = raw[self._label_key] if self._label_key else 0
-        return {"image": raw[self._image_key], "label": int(label)}
+        record = {"image": raw[self._image_key], "label": int(label)}
+        if self._text_key:
+            text = raw[self._text_key]
+            record["text"] = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        return record
+
+    def texts(self) -> list[str]:
+        """Every record's caption, in index order (reads the whole split once)."""
+        if not self.has_text:
+            raise DatasetError(f"dataset {self.name!r} has no text feature")
+        batch = 256
+        return [
+            r["text"]
+            for i in range(0, len(self), batch)
+            for r in self.__getitems__(range(i, min(i + batch, len(self))))
+        ]
 
     def _read_error(self, index: int, error: Exception) -> DatasetError:
         shard = int(np.searchsorted(self._ends, index, side="right"))

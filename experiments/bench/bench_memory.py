@@ -37,7 +37,7 @@ def worker(case: str, lever: str, steps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from diffjax import schedules, sharding
+    from diffjax import schedules, sharding, train_state
     from diffjax import steps as steps_lib
     from diffjax.models.unet import UNet
 
@@ -49,11 +49,11 @@ def worker(case: str, lever: str, steps: int) -> dict:
         dtype=jnp.dtype(opts.get("dtype", "float32")),
         remat=opts.get("remat", False),
     )
-    tx = steps_lib.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 1.0)
-    state = steps_lib.create_train_state(
+    tx = train_state.make_optimizer(2e-4, 1, 0.0, 0.9, 0.999, 1.0)
+    state = train_state.create_train_state(
         model, tx, shape, jax.random.key(0), mesh, num_timesteps=1000
     )
-    abstract = steps_lib.abstract_train_state(model, tx, shape, mesh, num_timesteps=1000)
+    abstract = train_state.abstract_train_state(model, tx, shape, mesh, num_timesteps=1000)
     step = steps_lib.make_train_step(
         model,
         schedules.make_schedule("linear", 1000),
@@ -70,11 +70,11 @@ def worker(case: str, lever: str, steps: int) -> dict:
         mesh,
     )
     key = jax.random.key(1)
-    mem = step.lower(state, batch, key).compile().memory_analysis()
+    mem = step.lower(state, batch, key, None).compile().memory_analysis()
     holder = {"state": state}
 
     def run():
-        holder["state"], metrics = step(holder["state"], batch, key)
+        holder["state"], metrics = step(holder["state"], batch, key, None)
         return metrics["loss"]
 
     median, _ = _timed(run, steps, 1)

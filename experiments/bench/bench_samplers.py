@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import samplers, schedules, sharding, steps, train  # noqa: E402
+from diffjax import build, samplers, schedules, sharding, steps  # noqa: E402
+from diffjax.cond import NONE  # noqa: E402
 
 
 def _time(fn) -> float:
@@ -40,19 +41,19 @@ def main() -> None:
     args = parser.parse_args()
 
     config = digits.get_config()
-    model = train._model(config)
+    model = build.model(config)
     s = schedules.make_schedule("linear", 1000)
     mesh = sharding.make_mesh(1)
     shape = (args.batch, config.data.image_size, config.data.image_size, config.data.channels)
     x = jax.random.normal(jax.random.key(0), shape)
     t = jnp.full((args.batch,), 500, jnp.int32)
-    params = model.init(jax.random.key(1), x[:1], t[:1])["params"]
+    params = model.init(jax.random.key(1), x[:1], t[:1], NONE)["params"]
     opts = steps.compiler_options()
 
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, t), compiler_options=opts)
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x, t, NONE), compiler_options=opts)
 
     def loop(p, x, n):
-        body = lambda i, x: model.apply({"params": p}, x, t)
+        body = lambda i, x: model.apply({"params": p}, x, t, NONE)
         return jax.lax.fori_loop(0, n, body, x)
 
     bare_loop = jax.jit(loop, compiler_options=opts)
@@ -63,12 +64,9 @@ def main() -> None:
         "loop of forwards": (lambda: bare_loop(params, x, n), args.steps),
     }
     for name in samplers.SAMPLERS:
-        fn = steps.make_sample_fn(model, s, mesh, shape, sampler=name)
+        fn = steps.make_sample_fn(model, s, mesh, sampler=name)
         calls = samplers.network_calls(name, args.steps)
-        cands[name] = (
-            (lambda fn=fn: fn(params, jax.random.key(2), table, n, np.float32(0))),
-            calls,
-        )
+        cands[name] = ((lambda fn=fn: fn(params, x, NONE, jax.random.key(2), table, n)), calls)
     for f, _ in cands.values():  # compile and warm up
         _time(f)
     times = {k: [] for k in cands}
