@@ -10,6 +10,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # Root of every random key: init, training, sampling, eval.
+    config.task = "diffusion"  # What the loop trains: diffusion | classifier (for guidance).
 
     config.data = dict(
         name="cifar10",  # "digits" (embedded), "image_folder", or a tfds catalog name.
@@ -36,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_groups=32,  # GroupNorm groups.
         norm_eps=1e-6,  # GroupNorm epsilon.
         num_classes=0,  # >0: class-conditional on the dataset's labels (its ClassLabel's count).
+        classifier_classes=0,  # task=classifier: logits over this many classes (encoder half).
         cond_drop_prob=0.1,  # Conditional models: train on the null condition this often (CFG).
         remat=False,  # Recompute block activations in the backward pass (saves memory).
         dtype="float32",  # Compute dtype: float32 or bfloat16.
@@ -73,6 +75,9 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=64,  # Samples drawn per compiled call.
         guidance_scale=1.0,  # Classifier-free guidance w: 1 = none (conditional), 0 = uncond.
         guidance_rescale=0.0,  # Guidance rescale φ (Lin et al. 2024) in [0, 1]; 0 = off.
+        classifier_config="",  # Classifier guidance: the classifier's config file[:variant],
+        classifier_workdir="",  # its training run's workdir (newest checkpoint's EMA),
+        classifier_scale=0.0,  # and the scale s of ∇ log p(y | x_t); 0 = off.
     )
     config.optim = dict(
         lr=2e-4,  # Peak AdamW learning rate.

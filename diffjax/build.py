@@ -12,7 +12,18 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from diffjax import config_check, data, prompts, samplers, schedules, sharding, steps, train_state
+from diffjax import (
+    checkpoint,
+    cli,
+    config_check,
+    data,
+    prompts,
+    samplers,
+    schedules,
+    sharding,
+    steps,
+    train_state,
+)
 from diffjax.cond import Cond, Conditioner
 from diffjax.data import captions as captions_lib
 from diffjax.data import tokenizer as tokenizer_lib
@@ -219,6 +230,7 @@ class Setup:
         # donated or checkpointed): a text model's caption table (`use_captions`).
         self.frozen = None
         self.text_side, self.grid_prompts = None, []
+        self._classifier = None
         self._sample_fns, self._noise_fns = {}, {}
 
     def load_text(self, workdir: str, table: captions_lib.Captions | None = None) -> None:
@@ -250,6 +262,35 @@ class Setup:
             example_cond=self.conditioner.example(),
         )
 
+    @property
+    def label_classes(self) -> int:
+        """Classes a sample can be asked for: the model's, or else a guiding classifier's."""
+        if self.conditioner.num_classes:
+            return self.conditioner.num_classes
+        if self.config.sampler.classifier_workdir:
+            return self.classifier()[0].classifier_classes
+        return 0
+
+    def classifier(self):
+        """(module, EMA params) of the guiding classifier (`sampler.classifier_*`), loaded once."""
+        if self._classifier is None:
+            s = self.config.sampler
+            cls_setup = Setup(cli.load_config_file(s.classifier_config))
+            if cls_setup.config.task != "classifier":
+                raise config_check.ConfigError(
+                    f"config.sampler.classifier_config: {s.classifier_config} is not a "
+                    f"classifier's config (its task is {cls_setup.config.task!r})"
+                )
+            ckpt = checkpoint.Checkpointer(
+                os.path.join(s.classifier_workdir, "checkpoints"), max_to_keep=None
+            )
+            try:
+                state, _, _ = ckpt.restore(cls_setup.abstract(self.mesh))
+            finally:
+                ckpt.close()
+            self._classifier = (cls_setup.model, state.ema_params)
+        return self._classifier
+
     def sample_fn(self, batch_size: int, progress=None):
         """`(params, key, cond) -> samples [batch_size, H, W, C]` with the config's sampler,
         steps, spacing, η and guidance; x_T is drawn from `key`, the sampler's noise from a key
@@ -268,6 +309,7 @@ class Setup:
                 conditioner=self.conditioner,
                 progress=progress,
                 params_sharding=self.params_sharding,
+                classifier=self.classifier()[0] if s.classifier_workdir else None,
             )
             if progress is None:
                 self._sample_fns[batch_size] = fn
@@ -292,13 +334,15 @@ class Setup:
                 scale,
                 null_cond=null_cond,
                 guidance_rescale=rescale,
+                classifier_params=self.classifier()[1] if s.classifier_workdir else None,
+                classifier_scale=s.classifier_scale,
             )
 
         return sample
 
     def labels_cond(self, labels: np.ndarray) -> Cond:
         """The condition for host labels [B], as global arrays split over the mesh."""
-        c = self.conditioner.labels(np.asarray(labels, np.int32))
+        c = Cond(label=np.asarray(labels, np.int32)) if self.label_classes else Cond()
         return sharding.from_global(c, sharding.batch_sharded(self.mesh))
 
     def prompt_cond(self, side: prompts.TextSide, texts, labels=None) -> Cond:

@@ -13,6 +13,7 @@ from diffjax.models.layers import ShapeError
 from diffjax.train_state import LR_SCHEDULES
 
 TEXT_ENCODERS = ("", "joint", "minilm")
+TASKS = ("diffusion", "classifier")
 
 
 class ConfigError(ValueError):
@@ -131,7 +132,29 @@ def _check_text(config, fail) -> None:
             )
 
 
+def _check_task(config, fail) -> None:
+    m, sp = config.model, config.sampler
+    if config.task not in TASKS:
+        fail("task", f"unknown {config.task!r}; choose one of {TASKS}")
+    if config.task == "classifier":
+        if m.classifier_classes < 2:
+            fail("model.classifier_classes", "task='classifier' needs the number of classes (>= 2)")
+        if m.num_classes or config.text.encoder:
+            fail("task", "the classifier reads x_t alone: set model.num_classes=0, text.encoder=''")
+    elif m.classifier_classes:
+        fail("model.classifier_classes", "is for task='classifier'; leave it 0 for diffusion")
+    if sp.classifier_scale < 0:
+        fail("sampler.classifier_scale", f"must be >= 0, got {sp.classifier_scale}")
+    if bool(sp.classifier_workdir) != bool(sp.classifier_config):
+        fail(
+            "sampler.classifier_workdir",
+            "classifier guidance needs both sampler.classifier_config and "
+            "sampler.classifier_workdir (the classifier's config and its training run)",
+        )
+
+
 def _check_conditioning(config, fail) -> None:
+    _check_task(config, fail)
     _check_text(config, fail)
     m, sp = config.model, config.sampler
     if m.num_classes < 0:
@@ -235,15 +258,17 @@ def network_shapes(config):
 
 
 def check_labels(config, dataset_classes: int, has_labels: bool) -> None:
-    """A class-conditional model needs the dataset's ClassLabel with the same number of classes."""
-    n = config.model.num_classes
+    """A class-conditional model (or a classifier) needs the dataset's ClassLabel with the same
+    number of classes."""
+    field = "classifier_classes" if config.task == "classifier" else "num_classes"
+    n = config.model[field]
     if n and not has_labels:
         raise ConfigError(
-            f"config.model.num_classes: {n}, but dataset {config.data.name!r} has no class "
-            f"labels; set model.num_classes=0 (unconditional)"
+            f"config.model.{field}: {n}, but dataset {config.data.name!r} has no class "
+            f"labels; set model.{field}=0"
         )
     if n and n != dataset_classes:
         raise ConfigError(
-            f"config.model.num_classes: {n}, but dataset {config.data.name!r} has "
-            f"{dataset_classes} classes; set model.num_classes={dataset_classes}"
+            f"config.model.{field}: {n}, but dataset {config.data.name!r} has "
+            f"{dataset_classes} classes; set model.{field}={dataset_classes}"
         )

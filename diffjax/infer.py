@@ -20,6 +20,10 @@ from diffjax.steps import make_bpd_step, make_eval_step
 log = logging.getLogger(__name__)
 
 
+class SampleError(ValueError):
+    """A request the model cannot serve: a label or prompt it was not trained for."""
+
+
 def sample_labels(num_classes: int, num: int, label: int | str | None) -> tuple[np.ndarray, int]:
     """The class of each of `num` samples, and the grid's images per row.
 
@@ -29,7 +33,7 @@ def sample_labels(num_classes: int, num: int, label: int | str | None) -> tuple[
     """
     if not num_classes:
         if label is not None:
-            raise ValueError(
+            raise SampleError(
                 f"label={label!r} given, but the model is unconditional (model.num_classes=0)"
             )
         return None, None
@@ -39,7 +43,7 @@ def sample_labels(num_classes: int, num: int, label: int | str | None) -> tuple[
     if label is None:
         return np.arange(num, dtype=np.int32) % num_classes, num_classes
     if isinstance(label, str) and not label.isdigit() or not 0 <= int(label) < num_classes:
-        raise ValueError(
+        raise SampleError(
             f"label={label!r}: a class in [0, {num_classes - 1}] or 'all' "
             f"(model.num_classes={num_classes})"
         )
@@ -77,7 +81,7 @@ def write_samples(
     `negative_prompt` replaces the empty prompt as the null side of guidance. With `progress`, a
     bar follows every denoising step (a host callback inside the loop).
     """
-    labels, ncol = sample_labels(setup.conditioner.num_classes, num, label)
+    labels, ncol = sample_labels(setup.label_classes, num, label)
     num = num if labels is None else len(labels)
     texts = _sample_prompts(setup, num, prompt)
     if texts is not None and prompt is None:
@@ -100,7 +104,7 @@ def write_samples(
             bar.update(done - bar.n)
 
     fn = setup.sample_fn(bs, progress=advance if bar is not None else None)
-    null = _null_cond(setup, bs, negative_prompt) if texts is not None else None
+    null = null_cond(setup, bs, negative_prompt) if texts is not None else None
     out = []
     for b in range(n_batches):
         batch_index[0] = b
@@ -129,17 +133,17 @@ def write_samples(
 def _sample_prompts(setup: Setup, num: int, prompt: str | None) -> list[str] | None:
     if not setup.conditioner.text:
         if prompt is not None:
-            raise ValueError("a prompt was given, but the model has no text conditioning")
+            raise SampleError("a prompt was given, but the model has no text conditioning")
         return None
     if prompt is not None:
         if not prompt.strip():
-            raise ValueError("the prompt is empty; give the text to draw (e.g. 'a handwritten 3')")
+            raise SampleError("the prompt is empty; give the text to draw (e.g. 'a handwritten 3')")
         return [prompt] * num
     grid = setup.grid_prompts or [""]
     return [grid[i % len(grid)] for i in range(num)]
 
 
-def _null_cond(setup: Setup, batch: int, negative_prompt: str | None):
+def null_cond(setup: Setup, batch: int, negative_prompt: str | None):
     """The null side for a text model: the empty prompt (or the negative one), null label."""
     labels = None
     if setup.conditioner.num_classes:
@@ -184,9 +188,9 @@ def sample(
     """
     setup = Setup(config)
     num = num_samples or config.train.num_samples
-    sample_labels(setup.conditioner.num_classes, num, label)  # bad input fails before loading
+    sample_labels(setup.label_classes, num, label)  # bad input fails before loading
     if negative_prompt is not None and not setup.conditioner.text:
-        raise ValueError("a negative prompt was given, but the model has no text conditioning")
+        raise SampleError("a negative prompt was given, but the model has no text conditioning")
     _sample_prompts(setup, 1, prompt)
     if setup.conditioner.text:
         setup.load_text(workdir)

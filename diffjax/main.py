@@ -20,6 +20,7 @@ BAD_INPUT_ERRORS = (
     checkpoint.CheckpointError,
     pretrained.PretrainedError,
     tokenizer.TokenizerError,
+    infer.SampleError,
 )
 RUNTIME_ERRORS = (train.NonFiniteLossError,)
 
@@ -141,7 +142,9 @@ def _check_flags() -> None:
         raise cli.BadInput(f"--step={FLAGS.step}: a checkpoint step is >= 0")
     if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
         raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
-    _check_label(FLAGS.label, FLAGS.config.model.num_classes)
+    sp = FLAGS.config.sampler
+    guided = bool(sp.classifier_workdir or sp.classifier_config)
+    _check_label(FLAGS.label, FLAGS.config.model.num_classes, guided)
     _check_prompts(FLAGS.config.text.encoder)
     if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
         raise cli.BadInput(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 1 (or leave it out)")
@@ -169,8 +172,8 @@ def _check_flags() -> None:
         )
 
 
-def _check_label(label: str | None, num_classes: int) -> None:
-    if label is None:
+def _check_label(label: str | None, num_classes: int, classifier_guided: bool) -> None:
+    if label is None or (classifier_guided and not num_classes):  # the classifier's classes
         return
     if not num_classes:
         raise cli.BadInput(

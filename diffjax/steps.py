@@ -123,13 +123,10 @@ def make_train_step(
             (loss, terms), grads = accumulate(state.params, (x0, t, noise, weights, c), dropout_key)
         else:
             (loss, terms), grads = grads_of(state.params, x0, t, noise, weights, c, dropout_key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        ema = update_ema(state.ema_params, params, state.step, ema_decay)
         history = state.loss_history
         if t_sampling == "importance":  # the only reader of the history
             history = losses.update_loss_history(history, t, terms["vlb"])
-        new_state = TrainState(state.step + 1, params, opt_state, ema, history)
+        new_state = _apply(tx, ema_decay, state, grads, history)
         return new_state, {
             "loss": loss,
             "mse": jnp.mean(terms["mse"]),
@@ -137,15 +134,71 @@ def make_train_step(
             "grad_norm": optax.global_norm(grads),
         }
 
+    return _jit_train_step(step, mesh, abstract_state)
+
+
+def _apply(tx, ema_decay: float, state: TrainState, grads, history) -> TrainState:
+    """The optimizer update and the EMA: the next state."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = update_ema(state.ema_params, params, state.step, ema_decay)
+    return TrainState(state.step + 1, params, opt_state, ema, history)
+
+
+def _jit_train_step(step, mesh: jax.sharding.Mesh, abstract_state: TrainState):
+    """`step(state, batch, key, frozen)` compiled: state laid out and donated, batch split."""
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
     rep = sharding.replicated(mesh)
     return jax.jit(
         step,
-        in_shardings=(state_sh, batch_sh, rep, rep),
+        in_shardings=(state_sh, sharding.batch_sharded(mesh), rep, rep),
         out_shardings=(state_sh, rep),
         donate_argnums=0,
         compiler_options=compiler_options(),
     )
+
+
+def classifier_logits(model: Any, params: Any) -> Callable[[Array, Array], Array]:
+    """`(x_t, t) -> logits [B, K]` of a noise-conditional classifier (a UNet with
+    `classifier_classes=K`)."""
+    return lambda x_t, t: model.apply({"params": params}, x_t, t)
+
+
+def make_classifier_train_step(
+    model: Any,
+    schedule: schedules.Schedule,
+    tx: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    abstract_state: TrainState,
+    *,
+    ema_decay: float = 0.9999,
+):
+    """The noise-conditional classifier's compiled step `(state, batch, key, frozen) -> (state,
+    metrics)`: cross-entropy of p_φ(y | x_t, t) on x_t ~ q(x_t | x_0), t uniform (Dhariwal &
+    Nichol 2021, §4). Keys, sharding and donation as `make_train_step`."""
+
+    def step(state: TrainState, batch: dict, key: Array, frozen: Any):
+        t_key, noise_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step), 3)
+        x0, y = batch["image"], batch["label"]
+        t = jax.random.randint(t_key, x0.shape[:1], 0, schedule.num_steps)
+        x_t = schedules.q_sample(schedule, x0, t, jax.random.normal(noise_key, x0.shape))
+
+        def loss_fn(params):
+            rngs = {"dropout": dropout_key}
+            logits = model.apply({"params": params}, x_t, t, train=True, rngs=rngs)
+            logp = jax.nn.log_softmax(logits, axis=-1)
+            nll = -jnp.take_along_axis(logp, y[:, None], axis=-1)[:, 0]
+            return jnp.mean(nll), jnp.mean(jnp.argmax(logits, -1) == y)
+
+        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        new_state = _apply(tx, ema_decay, state, grads, state.loss_history)
+        return new_state, {
+            "loss": loss,
+            "accuracy": accuracy,
+            "grad_norm": optax.global_norm(grads),
+        }
+
+    return _jit_train_step(step, mesh, abstract_state)
 
 
 def _params_sharding(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -232,12 +285,28 @@ def make_noise_fn(mesh: jax.sharding.Mesh, shape: tuple[int, ...]) -> Callable[[
     )
 
 
-def _guided(model, params, conditioner, null_cond, scale, rescale, learned_variance):
+def _guided(model, params, conditioner, schedule, pred, null_c, scale, rescale, classifier=None):
+    """The network's denoise_fn, classifier-free guided when it is conditional, and classifier
+    guided when `classifier` = (module, params, scale) is given."""
     denoise = make_denoise_fn(model, params)
-    if not conditioner.conditional:
+    if conditioner.conditional:
+        denoise = guidance.classifier_free(
+            denoise, null_c, scale, rescale, learned_variance=pred.learned_variance
+        )
+    if classifier is None:
         return denoise
-    return guidance.classifier_free(
-        denoise, null_cond, scale, rescale, learned_variance=learned_variance
+    module, cls_params, cls_scale = classifier
+    inner = denoise
+    if not conditioner.num_classes:  # the labels are the classifier's alone
+        inner = lambda x, t, c: denoise(x, t, c.replace(label=None))
+    grad = guidance.log_prob_grad(classifier_logits(module, cls_params))
+    return guidance.classifier(
+        inner,
+        grad,
+        schedule,
+        cls_scale,
+        target=pred.target,
+        learned_variance=pred.learned_variance,
     )
 
 
@@ -252,9 +321,11 @@ def make_sample_fn(
     conditioner: Conditioner = UNCONDITIONAL,
     progress: Callable[[Array], None] | None = None,
     params_sharding: Any = None,
+    classifier: Any = None,
 ):
     """`sample(params, x_T, cond, key, table, num_steps, eta=0, guidance_scale=1, *,
-    null_cond=None, guidance_rescale=0) -> samples [B, H, W, C]`, compiled.
+    null_cond=None, guidance_rescale=0, classifier_params=None, classifier_scale=0) -> samples
+    [B, H, W, C]`, compiled.
 
     The caller gives the start `x_T` (noise, or an image noised to the table's first level) and
     the condition (`conditioner.labels(...)`, NONE for an unconditional model); nothing random
@@ -265,10 +336,13 @@ def make_sample_fn(
     every w. A conditional model is sampled with classifier-free guidance
     (`guidance.classifier_free`; w = 1 is the plain conditional model) against `null_cond`,
     by default `conditioner.null(cond)`; a negative prompt's condition can stand in for it.
+    With `classifier` (a noise-conditional classifier module, `classifier_classes` > 0) the
+    chain is also classifier-guided towards `cond.label` at strength `classifier_scale`.
     """
 
-    def run(params, x_T, c, null_c, key, table, num_steps, eta, scale, rescale):
-        denoise = _guided(model, params, conditioner, null_c, scale, rescale, pred.learned_variance)
+    def run(params, x_T, c, null_c, key, table, num_steps, eta, scale, rescale, cls, cls_scale):
+        guide = None if classifier is None else (classifier, cls, cls_scale)
+        denoise = _guided(model, params, conditioner, schedule, pred, null_c, scale, rescale, guide)
         return samplers.SAMPLERS[sampler](
             denoise,
             schedule,
@@ -287,7 +361,7 @@ def make_sample_fn(
     params_sh = _params_sharding(params_sharding, mesh)
     compiled = jax.jit(
         run,
-        in_shardings=(params_sh, batch_sh, batch_sh, batch_sh) + (rep,) * 6,
+        in_shardings=(params_sh, batch_sh, batch_sh, batch_sh) + (rep,) * 8,
         out_shardings=batch_sh,
         compiler_options=compiler_options(),
     )
@@ -304,10 +378,23 @@ def make_sample_fn(
         *,
         null_cond=None,
         guidance_rescale=0.0,
+        classifier_params=None,
+        classifier_scale=0.0,
     ):
         null_cond = conditioner.null(cond) if null_cond is None else null_cond
         scalars = (np.float32(eta), np.float32(guidance_scale), np.float32(guidance_rescale))
-        return compiled(params, x_T, cond, null_cond, key, table, np.int32(num_steps), *scalars)
+        return compiled(
+            params,
+            x_T,
+            cond,
+            null_cond,
+            key,
+            table,
+            np.int32(num_steps),
+            *scalars,
+            classifier_params,
+            np.float32(classifier_scale),
+        )
 
     return sample
 
@@ -326,7 +413,7 @@ def make_invert_fn(
     for conditional models (null side `conditioner.null(cond)`)."""
 
     def run(params, images, c, null_c, table, num_steps, scale):
-        denoise = _guided(model, params, conditioner, null_c, scale, 0.0, pred.learned_variance)
+        denoise = _guided(model, params, conditioner, schedule, pred, null_c, scale, 0.0)
         return samplers.ddim_invert(denoise, schedule, images, c, table, num_steps, pred=pred)
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)

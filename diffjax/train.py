@@ -15,9 +15,8 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffjax import build, checkpoint, data, infer, sharding
+from diffjax import build, checkpoint, data, sharding, tasks
 from diffjax.metrics import MetricWriter
-from diffjax.steps import make_train_step
 from diffjax.train_state import TrainState
 
 Array = jnp.ndarray
@@ -95,18 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         _continue_stream(train_iter, data_state["train_iter"], ckpt)
     else:
         state, last_saved = setup.create_state(), None
-    train_step = make_train_step(
-        setup.model,
-        setup.schedule,
-        setup.tx,
-        setup.mesh,
-        setup.abstract_state,
-        ema_decay=config.optim.ema_decay,
-        t_sampling=config.diffusion.t_sampling,
-        grad_accum_steps=tr.grad_accum_steps,
-        conditioner=setup.conditioner,
-        **build.loss_kwargs(config),
-    )
+    task = tasks.for_setup(setup)
     writer = MetricWriter(workdir, resumed_step=last_saved if last_saved is not None else 0)
     stop = {"signal": None}
     # Several processes must agree on the stop step, so Ctrl-C is a flag there too.
@@ -142,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 stop["agreed"] = True
                 break
             batch = sharding.global_batch(next(train_iter), setup.mesh)
-            state, metrics = train_step(state, batch, setup.train_key, setup.frozen)
+            state, metrics = task.train_step(state, batch, setup.train_key, setup.frozen)
             step += 1
             pending.append((step, metrics["loss"]))
             bar.update(1)
@@ -154,25 +142,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                     "train/grad_norm": float(metrics["grad_norm"]),
                     "train/steps_per_s": rate,
                 }
-                if config.diffusion.loss != "simple":  # the last step's parts
-                    scalars.update(
-                        {"train/mse": float(metrics["mse"]), "train/vlb_bpd": float(metrics["vlb"])}
-                    )
+                scalars.update(task.scalars(metrics))  # the last step's parts
                 writer.write(step, scalars)
                 bar.set_postfix(loss=f"{np.mean(values):.4f}")
                 pending, t0 = [], time.perf_counter()
             if at(tr.checkpoint_every_steps):
                 _check_finite(pending, last_saved)
                 save(step)
-            if at(tr.sample_every_steps):
-                infer.write_samples(
-                    setup, state.ema_params, tr.num_samples, setup.sample_key, grid_path()
-                )
+            if at(tr.sample_every_steps) and task.preview:
+                task.preview(state.ema_params, grid_path())
         healthy = True
-        if step == tr.num_steps and not at(tr.sample_every_steps):  # the final grid
-            infer.write_samples(
-                setup, state.ema_params, tr.num_samples, setup.sample_key, grid_path()
-            )
+        final = step == tr.num_steps and not at(tr.sample_every_steps)
+        if final and task.preview:  # the final grid
+            task.preview(state.ema_params, grid_path())
     except KeyboardInterrupt:
         log.warning("interrupted at step %d: writing a final checkpoint", step)
         healthy = True
@@ -190,27 +172,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         by = f"signal {stop['signal']}" if stop["signal"] else "a signal to another process"
         log.warning("stopped by %s at step %d; checkpoint written", by, step)
     return state
-
-
-def _continue_stream(train_iter: data.TrainIterator, saved: dict, ckpt) -> None:
-    """Puts the input pipeline where the checkpoint's run left it (also under a new batch)."""
-    try:
-        train_iter.set_state(saved)
-    except ValueError as e:
-        ckpt.close()
-        raise checkpoint.CheckpointError(
-            f"cannot continue the checkpoint's data stream: {e} Train with the data settings "
-            f"of the run that wrote it (data.*, seed, processes), or use a fresh --workdir."
-        ) from None
-    new_batch = train_iter.get_state()["global_batch"]
-    if saved.get("global_batch") != new_batch:
-        log.warning(
-            "train.batch_size changed from %s to %d: continuing the same stream of "
-            "examples at example %d",
-            saved.get("global_batch"),
-            new_batch,
-            train_iter.get_state()["next_example"],
-        )
 
 
 def _continue_stream(train_iter: data.TrainIterator, saved: dict, ckpt) -> None:

@@ -5,26 +5,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import ROOT, run_all
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = f"{ROOT}/configs/digits.py:tiny"
 
 
 def _cmd(*flags):
     return [sys.executable, "-m", "diffjax.main", *flags]
-
-
-def _run_all(cases: dict, cwd=ROOT) -> dict:
-    """Runs every case's command at once (each mostly waits on imports), returns the results."""
-    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
-    procs = {
-        name: subprocess.Popen(
-            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for name, cmd in cases.items()
-    }
-    return {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +46,8 @@ def bad(tmp_path_factory):
         "verbose": _cmd("--config", TINY, work, data, "--config.data.image_size=7", "--verbose"),
         "other_cwd": _cmd("--config", TINY, work, "--config.data.image_size=7"),
     }
-    results = _run_all({k: v for k, v in cases.items() if k != "other_cwd"})
-    results.update(_run_all({"other_cwd": cases["other_cwd"]}, cwd=str(tmp)))
+    results = run_all({k: v for k, v in cases.items() if k != "other_cwd"})
+    results.update(run_all({"other_cwd": cases["other_cwd"]}, cwd=str(tmp)))
     results["tmp"] = tmp
     return results
 
@@ -124,7 +111,7 @@ def read_only_dir(tmp_path):
 
 def test_read_only_workdir_train_and_sample(read_only_dir):
     work = f"--workdir={read_only_dir}"
-    results = _run_all(
+    results = run_all(
         {
             "train": _cmd("--config", TINY, work),
             "sample": _cmd("--config", TINY, work, "--mode=sample"),

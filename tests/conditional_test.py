@@ -3,18 +3,14 @@
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import TEST_XLA_FLAGS
+from conftest import ROOT, cli, one_line_error, run_all
 from PIL import Image
 
 from configs import digits_class
 from diffjax import build, checkpoint, config_check, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir, **train_overrides):
@@ -25,27 +21,7 @@ def _config(data_dir, **train_overrides):
 
 
 def _cli(workdir, data_dir, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "diffjax.main",
-        "--config",
-        f"{ROOT}/configs/digits_class.py:tiny",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        *flags,
-    ]
-
-
-def _run_all(cases: dict) -> dict:
-    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
-    procs = {
-        name: subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for name, cmd in cases.items()
-    }
-    return {name: (p.wait(timeout=600), *p.communicate()) for name, p in procs.items()}
+    return cli("digits_class.py:tiny", workdir, data_dir, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +49,7 @@ def test_train_resume_and_the_final_grid_cover_every_class(trained, caplog):
 
 def test_sample_by_label_from_the_cli(trained):
     data_dir, work = trained
-    results = _run_all(
+    results = run_all(
         {
             "three": _cli(work, data_dir, "--mode=sample", "--label=3", "--num_samples=8"),
             "all": _cli(
@@ -103,17 +79,8 @@ def test_sample_by_label_from_the_cli(trained):
 def test_bad_labels_are_one_line_errors(trained):
     data_dir, work = trained
     before = sorted(os.listdir(work / "samples"))
-    unconditional = [
-        sys.executable,
-        "-m",
-        "diffjax.main",
-        "--config",
-        f"{ROOT}/configs/digits.py:tiny",
-        f"--workdir={work}",
-        "--mode=sample",
-        "--label=3",
-    ]
-    results = _run_all(
+    unconditional = cli("digits.py:tiny", work, None, "--mode=sample", "--label=3")
+    results = run_all(
         {
             "out_of_range": _cli(work, data_dir, "--mode=sample", "--label=10"),
             "not_a_class": _cli(work, data_dir, "--mode=sample", "--label=seven"),
@@ -131,11 +98,8 @@ def test_bad_labels_are_one_line_errors(trained):
         "unconditional": ["unconditional", "num_classes=0"],
         "guidance_without_dropout": ["sampler.guidance_scale", "cond_drop_prob"],
     }
-    for name, (rc, _, err) in results.items():
-        lines = [x for x in err.splitlines() if x.startswith("diffjax: ")]
-        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (name, err[-2000:])
-        for words in expected[name]:
-            assert words in lines[0], (name, lines[0])
+    for name, result in results.items():
+        one_line_error(result, *expected[name])
     assert sorted(os.listdir(work / "samples")) == before
 
 
@@ -146,3 +110,51 @@ def test_num_classes_is_checked_against_the_dataset_before_compiling(tmp_path, c
     with compiles.none_expected("the label check"):
         with pytest.raises(config_check.ConfigError, match="has 10 classes; set model.num_cl"):
             build.check_dataset_labels(config, source)
+
+
+@pytest.mark.slow  # the slow tier: `pytest -m slow`, CI's second step
+def test_classifier_trains_in_the_loop_and_guides_an_unconditional_model(tmp_path):
+    from configs import digits, digits_classifier
+
+    data_dir = tmp_path / "tfds"
+    cls_config = digits_classifier.get_config("tiny")
+    cls_config.data.data_dir = str(data_dir)
+    train.train_and_evaluate(cls_config, str(tmp_path / "cls"))
+    lines = [json.loads(x) for x in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= x["train/accuracy"] <= 1 for x in lines if "train/loss" in x)
+    assert not (tmp_path / "cls" / "samples").exists()  # a classifier has no grid
+    model_config = digits.get_config("tiny")
+    model_config.data.data_dir = str(data_dir)
+    model_config.train.num_steps = 2
+    train.train_and_evaluate(model_config, str(tmp_path / "model"))
+    guide = [
+        f"--config.sampler.classifier_config={ROOT}/configs/digits_classifier.py:tiny",
+        f"--config.sampler.classifier_workdir={tmp_path / 'cls'}",
+        "--config.sampler.classifier_scale=3",
+    ]
+    cmd = lambda *flags: cli(
+        "digits.py:tiny", tmp_path / "model", data_dir, "--mode=sample", *flags
+    )
+    results = run_all(
+        {
+            "guided": cmd("--label=3", "--num_samples=8", *guide),
+            "no_workdir": cmd("--label=3", guide[0]),
+            "not_a_classifier": cmd(
+                "--label=3",
+                f"--config.sampler.classifier_config={ROOT}/configs/digits.py:tiny",
+                guide[1],
+            ),
+            "label_out_of_range": cmd("--label=12", *guide),
+        }
+    )
+    rc, _, err = results["guided"]
+    assert rc == 0, err[-3000:]
+    z = np.load(tmp_path / "model" / "samples" / "sample_0000002.npz")
+    assert set(z["labels"]) == {3} and np.isfinite(z["images"]).all()
+    expected = {
+        "no_workdir": "needs both sampler.classifier_config and sampler.classifier_workdir",
+        "not_a_classifier": "is not a classifier's config",
+        "label_out_of_range": "label=12",
+    }
+    for name, words in expected.items():
+        one_line_error(results[name], words)

@@ -22,8 +22,44 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import contextlib  # noqa: E402 - after the environment above, like every import of JAX
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(config: str, workdir, data_dir=None, *flags) -> list[str]:
+    """The command line of the real CLI for `configs/<config>` (e.g. "digits.py:tiny")."""
+    data = [f"--config.data.data_dir={data_dir}"] if data_dir is not None else []
+    config = config if os.path.isabs(config) else f"{ROOT}/configs/{config}"
+    return [sys.executable, "-m", "diffjax.main", "--config", config, f"--workdir={workdir}",
+            *data, *flags]  # fmt: skip
+
+
+def run_all(cases: dict, cwd=ROOT, timeout=600) -> dict:
+    """Runs every case's command at once (each mostly waits on imports and compiles):
+    {name: (returncode, stdout, stderr)}."""
+    env = {**os.environ, "XLA_FLAGS": TEST_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    procs = {
+        name: subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, cmd in cases.items()
+    }
+    return {name: (p.wait(timeout=timeout), *p.communicate()) for name, p in procs.items()}
+
+
+def one_line_error(result, *words) -> str:
+    """Asserts a bad-input result: exit code 2, one `diffjax:` line holding `words`, no
+    traceback. Returns that line."""
+    rc, _, err = result
+    lines = [x for x in err.splitlines() if x.startswith("diffjax: ")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err[-2000:])
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
 
 
 class CompileCounter:

@@ -5,17 +5,15 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, cli
 
 from configs import digits
 from diffjax import build, checkpoint, infer, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(data_dir, **train_overrides):
@@ -26,16 +24,7 @@ def _config(data_dir, **train_overrides):
 
 
 def _cli(workdir, data_dir, *flags):
-    return [
-        sys.executable,
-        "-m",
-        "diffjax.main",
-        "--config",
-        f"{ROOT}/configs/digits.py:tiny",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        *flags,
-    ]
+    return cli("digits.py:tiny", workdir, data_dir, *flags)
 
 
 def _restore(config, workdir, step=None):
