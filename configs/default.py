@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_heads=None,  # A fixed head count at every level instead (wins over head_dim).
         context_dim=0,  # >0: text-conditioned, cross-attention on a context of this width.
         transformer_depth=1,  # Transformer blocks per attention site (context_dim > 0).
+        pooled_context=False,  # Text: also add the prompt's mean embedding to the time embedding.
         dropout=0.1,  # Dropout inside residual blocks.
         num_groups=32,  # GroupNorm groups.
         norm_eps=1e-6,  # GroupNorm epsilon.

@@ -19,9 +19,9 @@ from diffjax import (
     data,
     prompts,
     samplers,
+    sampling,
     schedules,
     sharding,
-    steps,
     train_state,
 )
 from diffjax.cond import Cond, Conditioner
@@ -299,7 +299,7 @@ class Setup:
         s = self.config.sampler
         fn = self._sample_fns.get(batch_size) if progress is None else None
         if fn is None:
-            fn = steps.make_sample_fn(
+            fn = sampling.make_sample_fn(
                 self.model,
                 self.schedule,
                 self.mesh,
@@ -315,7 +315,7 @@ class Setup:
                 self._sample_fns[batch_size] = fn
         if batch_size not in self._noise_fns:
             shape = (batch_size, *self.image_shape)
-            self._noise_fns[batch_size] = steps.make_noise_fn(self.mesh, shape)
+            self._noise_fns[batch_size] = sampling.make_noise_fn(self.mesh, shape)
         noise = self._noise_fns[batch_size]
         table = samplers.timestep_table(self.schedule.num_steps, s.steps, s.spacing, s.max_steps)
 

@@ -163,7 +163,7 @@ def restore_for_inference(setup: Setup, workdir: str, step: int | None):
 def load_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
     """For notebooks and studies: `(setup, ema_params, step)` from a workdir's checkpoint.
 
-    `setup.model`, `setup.schedule` and `setup.mesh` are what `steps.make_sample_fn` takes.
+    `setup.model`, `setup.schedule` and `setup.mesh` are what `sampling.make_sample_fn` takes.
     """
     setup = Setup(config)
     state, restored = restore_for_inference(setup, workdir, step)

@@ -1,5 +1,5 @@
-"""The compiled diffusion steps (train, eval, bits/dim, sample, invert) on one callable,
-`denoise_fn(x_t, t, cond)`, built from explicit arguments."""
+"""The compiled training and evaluation steps (diffusion, bits/dim, classifier) on one callable,
+`denoise_fn(x_t, t, cond)`, built from explicit arguments; sampling is in `sampling.py`."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from diffjax import guidance, losses, samplers, schedules, sharding
+from diffjax import losses, schedules, sharding
 from diffjax.cond import UNCONDITIONAL, Cond, Conditioner
 from diffjax.train_state import TrainState, update_ema
 
@@ -201,10 +200,21 @@ def make_classifier_train_step(
     return _jit_train_step(step, mesh, abstract_state)
 
 
-def _params_sharding(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
+def params_sharding_or_replicated(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
     """The parameters' shardings (a pytree, e.g. from `abstract_train_state(...).ema_params`), or
     replicated when None."""
     return sharding.replicated(mesh) if params_sharding is None else params_sharding
+
+
+def _jit_eval_step(step, mesh: jax.sharding.Mesh, params_sharding: Any):
+    """`step(params, batch, key, frozen) -> per-example values`, compiled, the batch split."""
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(params_sharding_or_replicated(params_sharding, mesh), batch_sh, rep, rep),
+        out_shardings=batch_sh,
+        compiler_options=compiler_options(),
+    )
 
 
 def make_eval_step(
@@ -232,13 +242,7 @@ def make_eval_step(
             **loss_kwargs,
         )["loss"]
 
-    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(
-        step,
-        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep, rep),
-        out_shardings=batch_sh,
-        compiler_options=compiler_options(),
-    )
+    return _jit_eval_step(step, mesh, params_sharding)
 
 
 def make_bpd_step(
@@ -268,166 +272,4 @@ def make_bpd_step(
             learned_variance=learned_variance,
         )
 
-    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    return jax.jit(
-        step,
-        in_shardings=(_params_sharding(params_sharding, mesh), batch_sh, rep, rep),
-        out_shardings=batch_sh,
-        compiler_options=compiler_options(),
-    )
-
-
-def make_noise_fn(mesh: jax.sharding.Mesh, shape: tuple[int, ...]) -> Callable[[Array], Array]:
-    """Compiled `key -> N(0, I) [shape]`, drawn at the global shape and split over the mesh."""
-    return jax.jit(
-        lambda key: jax.random.normal(key, shape, jnp.float32),
-        out_shardings=sharding.batch_sharded(mesh),
-    )
-
-
-def _guided(model, params, conditioner, schedule, pred, null_c, scale, rescale, classifier=None):
-    """The network's denoise_fn, classifier-free guided when it is conditional, and classifier
-    guided when `classifier` = (module, params, scale) is given."""
-    denoise = make_denoise_fn(model, params)
-    if conditioner.conditional:
-        denoise = guidance.classifier_free(
-            denoise, null_c, scale, rescale, learned_variance=pred.learned_variance
-        )
-    if classifier is None:
-        return denoise
-    module, cls_params, cls_scale = classifier
-    inner = denoise
-    if not conditioner.num_classes:  # the labels are the classifier's alone
-        inner = lambda x, t, c: denoise(x, t, c.replace(label=None))
-    grad = guidance.log_prob_grad(classifier_logits(module, cls_params))
-    return guidance.classifier(
-        inner,
-        grad,
-        schedule,
-        cls_scale,
-        target=pred.target,
-        learned_variance=pred.learned_variance,
-    )
-
-
-def make_sample_fn(
-    model: Any,
-    schedule: schedules.Schedule,
-    mesh: jax.sharding.Mesh,
-    *,
-    sampler: str = "ddpm",
-    pred: samplers.Prediction = samplers.EPS_CLIPPED,
-    variance: str = "beta",
-    conditioner: Conditioner = UNCONDITIONAL,
-    progress: Callable[[Array], None] | None = None,
-    params_sharding: Any = None,
-    classifier: Any = None,
-):
-    """`sample(params, x_T, cond, key, table, num_steps, eta=0, guidance_scale=1, *,
-    null_cond=None, guidance_rescale=0, classifier_params=None, classifier_scale=0) -> samples
-    [B, H, W, C]`, compiled.
-
-    The caller gives the start `x_T` (noise, or an image noised to the table's first level) and
-    the condition (`conditioner.labels(...)`, NONE for an unconditional model); nothing random
-    but the sampler's own noise (from `key`) is drawn inside. The whole chain runs in one program
-    with the batch split over devices. `table` and `num_steps` come from
-    `samplers.timestep_table` (or `samplers.start_at`); they, η, the guidance scale w and the
-    rescale φ are traced, so one compilation serves every step count up to the table's size and
-    every w. A conditional model is sampled with classifier-free guidance
-    (`guidance.classifier_free`; w = 1 is the plain conditional model) against `null_cond`,
-    by default `conditioner.null(cond)`; a negative prompt's condition can stand in for it.
-    With `classifier` (a noise-conditional classifier module, `classifier_classes` > 0) the
-    chain is also classifier-guided towards `cond.label` at strength `classifier_scale`.
-    """
-
-    def run(params, x_T, c, null_c, key, table, num_steps, eta, scale, rescale, cls, cls_scale):
-        guide = None if classifier is None else (classifier, cls, cls_scale)
-        denoise = _guided(model, params, conditioner, schedule, pred, null_c, scale, rescale, guide)
-        return samplers.SAMPLERS[sampler](
-            denoise,
-            schedule,
-            x_T,
-            c,
-            key,
-            table,
-            num_steps,
-            eta=eta,
-            variance=variance,
-            pred=pred,
-            progress=progress,
-        )
-
-    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    params_sh = _params_sharding(params_sharding, mesh)
-    compiled = jax.jit(
-        run,
-        in_shardings=(params_sh, batch_sh, batch_sh, batch_sh) + (rep,) * 8,
-        out_shardings=batch_sh,
-        compiler_options=compiler_options(),
-    )
-
-    def sample(
-        params,
-        x_T,
-        cond,
-        key,
-        table,
-        num_steps,
-        eta=0.0,
-        guidance_scale=1.0,
-        *,
-        null_cond=None,
-        guidance_rescale=0.0,
-        classifier_params=None,
-        classifier_scale=0.0,
-    ):
-        null_cond = conditioner.null(cond) if null_cond is None else null_cond
-        scalars = (np.float32(eta), np.float32(guidance_scale), np.float32(guidance_rescale))
-        return compiled(
-            params,
-            x_T,
-            cond,
-            null_cond,
-            key,
-            table,
-            np.int32(num_steps),
-            *scalars,
-            classifier_params,
-            np.float32(classifier_scale),
-        )
-
-    return sample
-
-
-def make_invert_fn(
-    model: Any,
-    schedule: schedules.Schedule,
-    mesh: jax.sharding.Mesh,
-    *,
-    pred: samplers.Prediction = samplers.EPS_UNCLIPPED,
-    conditioner: Conditioner = UNCONDITIONAL,
-    params_sharding: Any = None,
-):
-    """Compiled DDIM inversion `(params, images, cond, table, num_steps, guidance_scale=1) ->
-    latents`, the batch split over devices (`samplers.ddim_invert`), guided like `make_sample_fn`
-    for conditional models (null side `conditioner.null(cond)`)."""
-
-    def run(params, images, c, null_c, table, num_steps, scale):
-        denoise = _guided(model, params, conditioner, schedule, pred, null_c, scale, 0.0)
-        return samplers.ddim_invert(denoise, schedule, images, c, table, num_steps, pred=pred)
-
-    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    compiled = jax.jit(
-        run,
-        in_shardings=(_params_sharding(params_sharding, mesh),) + (batch_sh,) * 3 + (rep,) * 3,
-        out_shardings=batch_sh,
-        compiler_options=compiler_options(),
-    )
-
-    def invert(params, images, cond, table, num_steps, guidance_scale=1.0):
-        null_c = conditioner.null(cond)
-        return compiled(
-            params, images, cond, null_c, table, np.int32(num_steps), np.float32(guidance_scale)
-        )
-
-    return invert
+    return _jit_eval_step(step, mesh, params_sharding)

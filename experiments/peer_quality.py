@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import build, infer, quality, samplers, sharding, steps  # noqa: E402
+from diffjax import build, infer, quality, samplers, sampling, sharding  # noqa: E402
 from diffjax.cond import NONE  # noqa: E402
 
 PEER_DIR = os.path.join(ROOT, "..", "shared", "peers", "samples")
@@ -58,7 +58,7 @@ def _sample(setup, params, config, key: str, num: int) -> np.ndarray:
     name, n_steps, spacing, eta, variance = SAMPLERS[key]
     df = config.diffusion
     pred = samplers.Prediction(df.target, df.learned_variance, True)
-    fn = steps.make_sample_fn(
+    fn = sampling.make_sample_fn(
         setup.model,
         setup.schedule,
         setup.mesh,
@@ -67,7 +67,7 @@ def _sample(setup, params, config, key: str, num: int) -> np.ndarray:
         variance=variance,
         params_sharding=setup.params_sharding,
     )
-    noise = steps.make_noise_fn(setup.mesh, (BATCH, *setup.image_shape))
+    noise = sampling.make_noise_fn(setup.mesh, (BATCH, *setup.image_shape))
     table = samplers.timestep_table(setup.schedule.num_steps, n_steps, spacing)
     out = []
     for b in range(-(-num // BATCH)):

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import infer, quality, samplers, sharding, steps  # noqa: E402
+from diffjax import infer, quality, samplers, sampling, sharding  # noqa: E402
 from diffjax.cond import NONE  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's public monitoring event
@@ -54,14 +54,14 @@ def main() -> None:
     df = config.diffusion
     pred = samplers.Prediction(df.target, df.learned_variance, True)
     noise_key, loop_key = jax.random.split(setup.sample_key)
-    x_T = steps.make_noise_fn(setup.mesh, shape)(noise_key)  # the same start for every cell
+    x_T = sampling.make_noise_fn(setup.mesh, shape)(noise_key)  # the same start for every cell
     compiles = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, secs, **kw: compiles.append(event) if event == COMPILE_EVENT else None
     )
     rows, raw = [], []
     for name in args.samplers.split(","):
-        fn = steps.make_sample_fn(
+        fn = sampling.make_sample_fn(
             setup.model,
             s,
             setup.mesh,

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import cond, guidance, samplers, schedules, sharding, steps
+from diffjax import cond, guidance, samplers, sampling, schedules, sharding
 from diffjax.cond import Cond, Conditioner
 from diffjax.models.unet import UNet
 
@@ -186,10 +186,10 @@ def test_changing_the_guidance_scale_never_recompiles(compiles):
     leaves, tree = jax.tree.flatten(params)
     noise = [jax.random.normal(jax.random.key(i), a.shape) for i, a in enumerate(leaves)]
     params = tree.unflatten([a + 0.2 * n for a, n in zip(leaves, noise, strict=True)])
-    fn = steps.make_sample_fn(
+    fn = sampling.make_sample_fn(
         model, s, mesh, sampler="ddim", pred=UNCLIPPED, conditioner=conditioner
     )
-    x_T = steps.make_noise_fn(mesh, (8, 4, 4, 1))(jax.random.key(1))
+    x_T = sampling.make_noise_fn(mesh, (8, 4, 4, 1))(jax.random.key(1))
     c = sharding.from_global(conditioner.labels(np.arange(8) % 3), sharding.batch_sharded(mesh))
     table = samplers.timestep_table(20, 5, "uniform", 20)
     run = lambda w, phi=0.0: np.asarray(

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import samplers, schedules, sharding, steps
+from diffjax import samplers, sampling, schedules, sharding
 from diffjax.cond import NONE
 from diffjax.models.unet import UNet
 
@@ -211,8 +211,8 @@ def test_one_compilation_serves_every_step_count_and_eta(compiles):
     )
     s = schedules.make_schedule("linear", 30)
     params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1)), jnp.zeros((1,), jnp.int32))
-    fn = steps.make_sample_fn(model, s, mesh, sampler="ddim", pred=UNCLIPPED)
-    x_T = steps.make_noise_fn(mesh, (8, 4, 4, 1))(jax.random.key(2))
+    fn = sampling.make_sample_fn(model, s, mesh, sampler="ddim", pred=UNCLIPPED)
+    x_T = sampling.make_noise_fn(mesh, (8, 4, 4, 1))(jax.random.key(2))
     outs = []
     key = jax.random.key(1)
 

@@ -152,3 +152,29 @@ def test_text_conditioned_unet_shapes_and_errors():
         UNet(base_channels=16, channel_mults=(1,), num_groups=4, attention_resolutions=()).init(
             jax.random.key(0), x, t, c
         )
+
+
+def test_pooled_context_reads_only_real_tokens():
+    model = UNet(
+        base_channels=16,
+        channel_mults=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        num_groups=4,
+        context_dim=12,
+        pooled_context=True,
+    )
+    x = jax.random.normal(jax.random.key(1), (3, 4, 4, 1))
+    t = jnp.array([1, 5, 9])
+    context, mask = _context()
+    c = Cond(context=jnp.asarray(context), context_mask=jnp.asarray(mask))
+    params = _randomize(model.init(jax.random.key(0), x, t, c)["params"])
+    assert params["context_embed"]["kernel"].shape == (12, 64)  # to the time embedding
+    out = model.apply({"params": params}, x, t, c)
+    noisy = np.where(mask[..., None], context, 1e3 * RNG.normal(size=context.shape))
+    again = model.apply(
+        {"params": params}, x, t, c.replace(context=jnp.asarray(noisy, jnp.float32))
+    )
+    np.testing.assert_allclose(again, out, rtol=1e-5, atol=1e-5)
+    other = model.apply({"params": params}, x, t, c.replace(context=c.context + 1.0))
+    assert not np.allclose(other, out)

@@ -41,6 +41,8 @@ class UNet(nn.Module):
         middle) becomes a SpatialTransformer (self-attention, cross-attention on the context
         [B, L, context_dim], GEGLU feed-forward), Stable Diffusion's layout.
       transformer_depth: TransformerBlocks per SpatialTransformer.
+      pooled_context: also add a projection of the context's mean over its real tokens to the
+        time embedding (the global text signal of GLIDE and Imagen), besides cross-attention.
       dropout: dropout rate inside residual blocks (active when train=True).
       num_groups, norm_eps: GroupNorm settings.
       out_channels: output channels; None = the channels of x (2x that for learned variances).
@@ -64,6 +66,7 @@ class UNet(nn.Module):
     num_heads: int | None = None
     context_dim: int = 0
     transformer_depth: int = 1
+    pooled_context: bool = False
     dropout: float = 0.1
     num_groups: int = 32
     norm_eps: float = 1e-6
@@ -176,6 +179,10 @@ class UNet(nn.Module):
             temb = temb + embed(cond.label)
         elif cond.label is not None:
             raise ValueError("Cond.label given to a UNet with num_classes=0 (unconditional)")
+        if self.context_dim and self.pooled_context:
+            mask = cond.context_mask.astype(jnp.float32)[..., None]
+            pooled = jnp.sum(cond.context * mask, 1) / jnp.maximum(jnp.sum(mask, 1), 1.0)
+            temb = temb + nn.Dense(temb_dim, name="context_embed", **kw)(pooled)
         if cond.concat is not None:
             x = jnp.concatenate([x, cond.concat.astype(x.dtype)], axis=-1)
 

@@ -5,7 +5,7 @@
 The networks are configs/digits_class.py's U-Net (16x16x1, 10 classes and the null class, its
 `Conditioner(num_classes=10, drop_prob=0.1)`) and, for reference, the same U-Net without the
 class embedding (configs/digits.py); random weights, as speed does not depend on them. Every row
-is `steps.make_sample_fn`'s DDIM over `--steps` steps for the same `--batch` outputs: w = 1 runs
+is `sampling.make_sample_fn`'s DDIM over `--steps` steps for the same `--batch` outputs: w = 1 runs
 the conditional network on the batch, w = 3 the conditional and null sides as one call on the
 doubled batch (`guidance.classifier_free`). Both w come from one compiled program (w is traced;
 a `lax.switch` picks the plain or the doubled call). Rounds interleave the rows after a warm-up
@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits, digits_class  # noqa: E402
-from diffjax import build, samplers, sharding, steps  # noqa: E402
+from diffjax import build, samplers, sampling, sharding  # noqa: E402
 from diffjax.cond import NONE  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def _sampler(config, mesh, batch: int):
     x = jnp.zeros((1, size, size, channels))
     params = model.init(jax.random.key(1), x, jnp.zeros((1,), jnp.int32), conditioner.example())
     params = jax.device_put(params["params"], sharding.replicated(mesh))
-    fn = steps.make_sample_fn(
+    fn = sampling.make_sample_fn(
         model,
         build.schedule(config),
         mesh,
@@ -88,7 +88,9 @@ def main() -> None:
     plain, params_u, _ = _sampler(digits.get_config(), mesh, args.batch)
     d = cls_config.data
     noise_key, loop_key = jax.random.split(jax.random.key(0))
-    x_T = steps.make_noise_fn(mesh, (args.batch, d.image_size, d.image_size, d.channels))(noise_key)
+    x_T = sampling.make_noise_fn(mesh, (args.batch, d.image_size, d.image_size, d.channels))(
+        noise_key
+    )
     table, n = samplers.timestep_table(1000, args.steps), args.steps
     rows = {
         "unconditional (reference)": (

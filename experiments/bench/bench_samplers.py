@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import build, samplers, schedules, sharding, steps  # noqa: E402
+from diffjax import build, samplers, sampling, schedules, sharding, steps  # noqa: E402
 from diffjax.cond import NONE  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main() -> None:
         "loop of forwards": (lambda: bare_loop(params, x, n), args.steps),
     }
     for name in samplers.SAMPLERS:
-        fn = steps.make_sample_fn(model, s, mesh, sampler=name)
+        fn = sampling.make_sample_fn(model, s, mesh, sampler=name)
         calls = samplers.network_calls(name, args.steps)
         cands[name] = ((lambda fn=fn: fn(params, x, NONE, jax.random.key(2), table, n)), calls)
     for f, _ in cands.values():  # compile and warm up

@@ -83,7 +83,7 @@ def worker(
     import jax.numpy as jnp
     import numpy as np
 
-    from diffjax import samplers, schedules, sharding, steps, train_state
+    from diffjax import samplers, sampling, schedules, sharding, steps, train_state
     from diffjax.cond import NONE
     from diffjax.models.unet import UNet
 
@@ -127,10 +127,10 @@ def worker(
         out.update(median_s=median, images_per_s=b / median, warmup_s=first)
     else:
         sched = schedules.make_schedule("linear", sample_steps)
-        fn = steps.make_sample_fn(model, sched, mesh)
+        fn = sampling.make_sample_fn(model, sched, mesh)
         table = samplers.timestep_table(sample_steps, sample_steps)
         noise_key, loop_key = jax.random.split(jax.random.key(2))
-        x_T = steps.make_noise_fn(mesh, (b, *shape))(noise_key)
+        x_T = sampling.make_noise_fn(mesh, (b, *shape))(noise_key)
         median, first = _timed(
             lambda: fn(state.ema_params, x_T, NONE, loop_key, table, sample_steps),
             max(1, timed // 3),
