@@ -37,11 +37,6 @@ def concat_batch(a: Cond, b: Cond) -> Cond:
     return jax.tree.map(lambda u, v: jnp.concatenate([u, v.astype(u.dtype)]), a, b)
 
 
-def take(c: Cond, index: Array) -> Cond:
-    """The examples `index` of every field."""
-    return jax.tree.map(lambda a: a[index], c)
-
-
 def null_like(c: Cond, null_label: int, null_context: Cond | None = None) -> Cond:
     """The "unconditional" side of `c` for classifier-free guidance and training dropout.
 

@@ -250,3 +250,24 @@ def test_zero_terminal_snr_with_v_prediction(name):
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out.mean(), MU, atol=0.02)
     np.testing.assert_allclose(out.std(), SIGMA, rtol=0.2)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm_solver_pp", "heun"])
+def test_a_chain_cut_with_start_at_continues_the_full_one(name):
+    """k steps, then `start_at(table, n, k)` from that point: the full n-step chain (DPM-Solver++
+    restarts first order, so it matches only approximately)."""
+    n, k = 40, 15
+    table = samplers.timestep_table(S.num_steps, n, "uniform", 60)
+    x_T = jax.random.normal(jax.random.key(3), (64, 1, 1, 1))
+    run = lambda x, tab, steps_: samplers.SAMPLERS[name](
+        gaussian_model(S), S, x, NONE, jax.random.key(0), tab, np.int32(steps_), pred=UNCLIPPED
+    )
+    full = run(x_T, table, n)
+    rest, remaining = samplers.start_at(table, n, k)
+    assert remaining == n - k and rest[0] == table[k] and len(rest) == len(table)
+    # The first k steps alone (the clean-image clip at the end is off: pred is unclipped).
+    part = run(x_T, np.concatenate([table[: k + 1], np.full(len(table) - k - 1, -1)]), k)
+    tol = 2e-3 if name == "dpm_solver_pp" else 1e-5
+    np.testing.assert_allclose(run(part, rest, remaining), full, atol=tol)
+    with pytest.raises(ValueError, match="start must be in"):
+        samplers.start_at(table, n, n)
