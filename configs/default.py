@@ -10,7 +10,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # Root of every random key: init, training, sampling, eval.
-    config.task = "diffusion"  # What the loop trains: diffusion | classifier (for guidance).
+    # What the loop trains: diffusion | classifier (for guidance) | autoencoder (for latents).
+    config.task = "diffusion"
 
     config.data = dict(
         name="cifar10",  # "digits" (embedded), "image_folder", or a tfds catalog name.
@@ -79,6 +80,28 @@ def get_config() -> ml_collections.ConfigDict:
         classifier_config="",  # Classifier guidance: the classifier's config file[:variant],
         classifier_workdir="",  # its training run's workdir (newest checkpoint's EMA),
         classifier_scale=0.0,  # and the scale s of ∇ log p(y | x_t); 0 = off.
+    )
+    config.autoencoder = dict(  # task=autoencoder: the KL autoencoder of latent diffusion (LDM)
+        block_out_channels=(128, 256, 512, 512),  # Channels per level; L levels: f = 2^(L-1).
+        layers_per_block=2,  # ResnetBlocks per encoder level (the decoder has one more).
+        latent_channels=4,  # z, the channels of the latent.
+        num_groups=32,  # GroupNorm groups.
+        mid_attention=True,  # Self-attention in the encoder's and decoder's middle blocks.
+        kl_weight=1e-6,  # β of the KL term (LDM's; the loss is per pixel: L1 + β·KL/(H·W·C)).
+        perceptual_weight=0.0,  # LPIPS: its pretrained network cannot be fetched here; keep 0.
+        disc_weight=0.5,  # Scale of the PatchGAN's adaptive weight; 0 = no discriminator.
+        disc_start_steps=50_001,  # The GAN terms switch on at this step.
+        disc_channels=64,  # PatchGAN: channels of its first layer.
+        disc_layers=3,  # PatchGAN: stride-2 layers.
+        disc_lr=0.0,  # The discriminator's Adam rate (β = 0.5, 0.9); 0 = optim.lr.
+    )
+    config.latent = dict(  # task=diffusion in an autoencoder's latent space (off when both "")
+        autoencoder_workdir="",  # The workdir of a task=autoencoder run (configs/vae_*.py),
+        autoencoder_step=0,  # and its checkpoint step; 0 = the newest.
+        diffusers_vae="",  # Or a diffusers AutoencoderKL directory (config.json + safetensors).
+        scale=0.0,  # Latents are multiplied by this (SD's VAE: 0.18215); 0 = 1/std, estimated.
+        scale_examples=512,  # Training examples encoded to estimate the scale.
+        cache=True,  # Encode the training set once into data_dir (else every batch, every step).
     )
     config.optim = dict(
         lr=2e-4,  # Peak AdamW learning rate.

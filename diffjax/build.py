@@ -13,10 +13,12 @@ import optax
 from jax.experimental import multihost_utils
 
 from diffjax import (
+    ae_steps,
     checkpoint,
     cli,
     config_check,
     data,
+    latent_setup,
     prompts,
     samplers,
     sampling,
@@ -28,7 +30,9 @@ from diffjax.cond import Cond, Conditioner
 from diffjax.data import captions as captions_lib
 from diffjax.data import tokenizer as tokenizer_lib
 from diffjax.models import pretrained
+from diffjax.models.autoencoder import AutoencoderKL
 from diffjax.models.conditioned import TextUNet
+from diffjax.models.discriminator import PatchDiscriminator
 from diffjax.models.text import BertEncoder, TextEncoder
 from diffjax.models.unet import UNet
 
@@ -45,14 +49,19 @@ def context_width(config) -> int:
     return {"": 0, "joint": config.text.width, "minilm": MINILM_WIDTH}[config.text.encoder]
 
 
-def model(config) -> UNet | TextUNet:
+def model(config, latent_channels: int = 0) -> UNet | TextUNet | AutoencoderKL:
+    """The trained network; a latent model's U-Net sees `latent_channels` channels."""
+    if config.task == "autoencoder":
+        return latent_setup.autoencoder_model(config)
     kw = config.model.to_dict()
     kw.pop("cond_drop_prob")  # the conditioner's, not the network's
     kw["dtype"] = jnp.dtype(kw.pop("dtype"))
     kw["attention_resolutions"] = tuple(kw["attention_resolutions"])
     kw["channel_mults"] = tuple(kw["channel_mults"])
-    if config.diffusion.learned_variance:  # the mean and the variance interpolant v
-        kw["out_channels"] = 2 * config.data.channels
+    channels = latent_channels or config.data.channels
+    if latent_channels:
+        kw["in_channels"] = latent_channels
+    kw["out_channels"] = channels * (2 if config.diffusion.learned_variance else 1)
     kw["context_dim"] = context_width(config)
     unet = UNet(**kw)
     tx = config.text
@@ -149,17 +158,27 @@ def _read_text_file(path: str) -> dict:
 
 def optimizer(config) -> optax.GradientTransformation:
     o = config.optim
-    return train_state.make_optimizer(
-        o.lr,
-        o.warmup_steps,
-        o.weight_decay,
-        o.b1,
-        o.b2,
-        o.grad_clip,
-        schedule=o.lr_schedule,
-        decay_steps=config.train.num_steps,
-        final_lr_ratio=o.final_lr_ratio,
+    kw = dict(
+        schedule=o.lr_schedule, decay_steps=config.train.num_steps, final_lr_ratio=o.final_lr_ratio
     )
+    tx = train_state.make_optimizer(
+        o.lr, o.warmup_steps, o.weight_decay, o.b1, o.b2, o.grad_clip, **kw
+    )
+    if config.task != "autoencoder":
+        return tx
+    a = config.autoencoder
+    disc_tx = None
+    if a.disc_weight > 0:  # Adam β = (0.5, 0.9) for the GAN, as taming-transformers and LDM
+        lr = a.disc_lr or o.lr
+        disc_tx = train_state.make_optimizer(lr, o.warmup_steps, 0.0, 0.5, 0.9, o.grad_clip, **kw)
+    return ae_steps.make_optimizer(tx, disc_tx)
+
+
+def discriminator(config) -> PatchDiscriminator | None:
+    a = config.autoencoder
+    if config.task != "autoencoder" or a.disc_weight <= 0:
+        return None
+    return PatchDiscriminator(a.disc_channels, a.disc_layers, min(a.num_groups, a.disc_channels))
 
 
 def schedule(config) -> schedules.Schedule:
@@ -185,6 +204,16 @@ def prediction(config) -> samplers.Prediction:
     s = config.sampler
     df = config.diffusion
     return samplers.Prediction(df.target, df.learned_variance, s.clip_x0, s.dynamic_threshold)
+
+
+def images_of(source, image_size: int, channels: int):
+    """`(lo, hi) -> float32 images [hi - lo, S, S, C]` of a source's examples lo..hi-1."""
+
+    def read(lo, hi):
+        records = source.__getitems__(range(lo, hi))
+        return np.stack([data.preprocess_image(r["image"], image_size, channels) for r in records])
+
+    return read
 
 
 def open_split(config, split: str):
@@ -215,20 +244,39 @@ class Setup:
         config_check.check_config(config)
         self.config = config
         self.mesh = mesh(config)
-        self.model = model(config)
+        d = config.data
+        self.pixel_shape = (d.image_size, d.image_size, d.channels)
+        # A latent model's frozen autoencoder (None in pixel space): the U-Net then sees latents.
+        self.codec = latent_setup.open_codec(config, self.mesh)
+        self.image_shape = self.pixel_shape
+        if self.codec is not None:
+            with config_check.network_shapes(config, "autoencoder"):
+                self.codec.module.check_shapes(self.pixel_shape)
+            self.image_shape = self.codec.module.latent_shape(self.pixel_shape)
+        self.model = model(config, self.image_shape[-1] if self.codec else 0)
+        self.discriminator = discriminator(config)
         self.conditioner = conditioner(config)
         self.tx = optimizer(config)
         self.schedule = schedule(config)
-        d = config.data
-        self.image_shape = (d.image_size, d.image_size, d.channels)
         root = jax.random.key(config.seed)
         self.init_key, self.train_key, self.sample_key, self.eval_key = jax.random.split(root, 4)
-        with config_check.network_shapes(config):  # the network's own shape rules
+        self.init_params = None
+        if config.task == "autoencoder":
+            self.init_params = ae_steps.init_params_fn(
+                self.model, self.discriminator, self.image_shape
+            )
+        section = "autoencoder" if config.task == "autoencoder" else "model"
+        with config_check.network_shapes(config, section):  # the network's own shape rules
+            if config.task == "autoencoder":
+                self.model.check_shapes(self.image_shape)
             self.abstract_state = self.abstract(self.mesh)
         self.params_sharding = jax.tree.map(lambda a: a.sharding, self.abstract_state.ema_params)
         # What frozen networks contribute to the compiled steps, as an argument (never trained,
-        # donated or checkpointed): a text model's caption table (`use_captions`).
-        self.frozen = None
+        # donated or checkpointed): a text model's caption table (`load_text`), a latent
+        # model's autoencoder and latent scale (`set_latent_scale`).
+        self._frozen = {}
+        self.latent_meta = None  # {"scale", "autoencoder"} of a latent run, once known
+        self._decode = None
         self.text_side, self.grid_prompts = None, []
         self._classifier = None
         self._sample_fns, self._noise_fns = {}, {}
@@ -239,27 +287,80 @@ class Setup:
         self.text_side, self.grid_prompts = text_side(self.config, workdir, table)
         if table is not None:
             encoded = self.text_side.table(list(table.texts))
-            self.frozen = sharding.from_global(encoded, sharding.replicated(self.mesh))
+            self._frozen.update(sharding.from_global(encoded, sharding.replicated(self.mesh)))
+
+    @property
+    def frozen(self):
+        """The steps' `frozen` argument: None, or a dict of what `load_text` and
+        `set_latent_scale` put there."""
+        return self._frozen or None
+
+    def set_latent_scale(self, meta: dict) -> None:
+        """Attaches a latent run's `{"scale", "autoencoder"}` (from its checkpoint, or estimated
+        when it starts): the steps then encode with, and sampling decodes with, this scale."""
+        if meta["autoencoder"] != self.codec.fingerprint:
+            raise latent_setup.LatentError(
+                f"config.latent: the checkpoint was trained on another autoencoder than "
+                f"{self.codec.origin}; point config.latent at the one it was trained with"
+            )
+        self.latent_meta = dict(meta)
+        self._frozen["autoencoder"] = self.codec.params
+        rep = sharding.replicated(self.mesh)
+        self._frozen["latent_scale"] = jax.device_put(np.float32(meta["scale"]), rep)
+
+    @property
+    def to_x0(self):
+        """A latent model's `(batch, frozen, key) -> x_0`: the scaled latents of the batch, a
+        fresh draw from the posterior each time (from the cache's mean and std, or by encoding
+        the images); None in pixel space (x_0 is the image)."""
+        if self.codec is None:
+            return None
+        module = self.codec.module
+
+        def encode(batch, frozen, key):
+            if "latent_mean" in batch:
+                mean, std = batch["latent_mean"], batch["latent_std"]
+            else:
+                post = module.apply(
+                    {"params": frozen["autoencoder"]}, batch["image"], method="encode"
+                )
+                mean, std = post.mean, post.std
+            return frozen["latent_scale"] * (mean + std * jax.random.normal(key, mean.shape))
+
+        return encode
+
+    def decode(self, x):
+        """Model outputs → images in [-1, 1]: a latent model's are decoded (after dividing by
+        the scale); pixel models' pass through."""
+        if self.codec is None:
+            return x
+        if self._decode is None:
+            module, rep = self.codec.module, sharding.replicated(self.mesh)
+            batch_sh = sharding.batch_sharded(self.mesh)
+            self._decode = jax.jit(
+                lambda p, s, z: jnp.clip(
+                    module.apply({"params": p}, z / s, method="decode"), -1, 1
+                ),
+                in_shardings=(rep, rep, batch_sh),
+                out_shardings=batch_sh,
+            )
+        return self._decode(self.codec.params, self._frozen["latent_scale"], x)
+
+    def _state_kwargs(self) -> dict:
+        return dict(
+            num_timesteps=self.schedule.num_steps,
+            example_cond=self.conditioner.example(),
+            init_params=self.init_params,
+        )
 
     def abstract(self, mesh: jax.sharding.Mesh) -> train_state.TrainState:
         return train_state.abstract_train_state(
-            self.model,
-            self.tx,
-            self.image_shape,
-            mesh,
-            num_timesteps=self.schedule.num_steps,
-            example_cond=self.conditioner.example(),
+            self.model, self.tx, self.image_shape, mesh, **self._state_kwargs()
         )
 
     def create_state(self) -> train_state.TrainState:
         return train_state.create_train_state(
-            self.model,
-            self.tx,
-            self.image_shape,
-            self.init_key,
-            self.mesh,
-            num_timesteps=self.schedule.num_steps,
-            example_cond=self.conditioner.example(),
+            self.model, self.tx, self.image_shape, self.init_key, self.mesh, **self._state_kwargs()
         )
 
     @property

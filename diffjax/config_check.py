@@ -13,7 +13,7 @@ from diffjax.models.layers import ShapeError
 from diffjax.train_state import LR_SCHEDULES
 
 TEXT_ENCODERS = ("", "joint", "minilm")
-TASKS = ("diffusion", "classifier")
+TASKS = ("diffusion", "classifier", "autoencoder")
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,52 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("optim.final_lr_ratio", f"must be in [0, 1], got {config.optim.final_lr_ratio}")
     if config.mesh.cpu_devices < 0:
         fail("mesh.cpu_devices", f"must be >= 0 (0 = JAX's default), got {config.mesh.cpu_devices}")
+    _check_autoencoder(config, fail)
+    _check_latent(config, fail)
+
+
+def _check_autoencoder(config, fail) -> None:
+    a = config.autoencoder
+    if not a.block_out_channels or min(a.block_out_channels) < 1:
+        fail("autoencoder.block_out_channels", "one positive channel count per level")
+    for field in ("layers_per_block", "latent_channels", "num_groups"):
+        if a[field] < 1:
+            fail(f"autoencoder.{field}", f"must be >= 1, got {a[field]}")
+    if a.kl_weight < 0 or a.disc_weight < 0:
+        field = "kl_weight" if a.kl_weight < 0 else "disc_weight"
+        fail(f"autoencoder.{field}", "must be >= 0")
+    if a.perceptual_weight:
+        fail(
+            "autoencoder.perceptual_weight",
+            "LPIPS needs a pretrained VGG, which diffjax cannot fetch; keep it 0 (the hook is "
+            "ae_steps.make_train_step's loss)",
+        )
+    if a.disc_weight > 0 and (a.disc_layers < 1 or a.disc_channels < 1):
+        fail("autoencoder.disc_layers", "the discriminator needs >= 1 layer and channel")
+    if config.task == "autoencoder" and (
+        config.latent.autoencoder_workdir or config.latent.diffusers_vae
+    ):
+        fail("latent", "an autoencoder is trained on pixels; leave config.latent empty")
+
+
+def _check_latent(config, fail) -> None:
+    lt, sp = config.latent, config.sampler
+    if not (lt.autoencoder_workdir or lt.diffusers_vae):
+        return
+    if lt.autoencoder_workdir and lt.diffusers_vae:
+        fail("latent.diffusers_vae", "name one autoencoder: autoencoder_workdir or diffusers_vae")
+    if config.task != "diffusion":
+        fail("latent", f"task={config.task!r} runs on pixels; leave config.latent empty")
+    if sp.clip_x0 or sp.dynamic_threshold:
+        fail(
+            "sampler.clip_x0" if sp.clip_x0 else "sampler.dynamic_threshold",
+            "clips x̂₀ to the pixel range, which latents do not have; set it off "
+            "(clip_x0=False, dynamic_threshold=0) for a latent model",
+        )
+    if lt.scale < 0 or lt.scale_examples < 1 or lt.autoencoder_step < 0:
+        fail(
+            "latent.scale", "scale >= 0 (0 = estimate), scale_examples >= 1, autoencoder_step >= 0"
+        )
 
 
 def _check_text(config, fail) -> None:
@@ -247,13 +293,13 @@ def mesh_size(config) -> int:
 
 
 @contextlib.contextmanager
-def network_shapes(config):
+def network_shapes(config, section: str = "model"):
     """Turns the network's own shape errors (raised while `jax.eval_shape` traces its init) into
-    ConfigErrors naming the config field: the rules live in the network, not here."""
+    ConfigErrors naming the config field (in `section`): the rules live in the network."""
     try:
         yield
     except ShapeError as e:
-        field = "data.image_size" if e.field == "input" else f"model.{e.field}"
+        field = "data.image_size" if e.field == "input" else f"{section}.{e.field}"
         raise ConfigError(f"config.{field}: {e.message} (model and data settings)") from None
 
 

@@ -113,7 +113,8 @@ def write_samples(
             c = setup.labels_cond(np.zeros(bs) if labels is None else part(labels))
         else:
             c = setup.prompt_cond(setup.text_side, part(np.asarray(texts, object)), part(labels))
-        out.append(sharding.to_host(fn(params, jax.random.fold_in(key, b), c, null)))
+        x = fn(params, jax.random.fold_in(key, b), c, null)
+        out.append(sharding.to_host(setup.decode(x)))  # a latent model's samples are decoded
     if bar is not None:
         bar.close()
     images = np.concatenate(out)[:num]
@@ -152,11 +153,19 @@ def null_cond(setup: Setup, batch: int, negative_prompt: str | None):
 
 
 def restore_for_inference(setup: Setup, workdir: str, step: int | None):
+    """(state, step) of a checkpoint; a latent model also gets its latent scale from it."""
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
     try:
-        state, _, restored = ckpt.restore(setup.abstract_state, step)
+        state, meta, restored = ckpt.restore(setup.abstract_state, step)
     finally:
         ckpt.close()
+    if setup.codec is not None:
+        if "latent" not in meta:
+            raise checkpoint.CheckpointError(
+                f"the checkpoint at step {restored} in {workdir} is not a latent model's (no "
+                f"latent scale); leave config.latent empty to use it"
+            )
+        setup.set_latent_scale(meta["latent"])
     return state, restored
 
 
@@ -238,6 +247,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         setup.mesh,
         params_sharding=setup.params_sharding,
         conditioner=setup.conditioner,
+        to_x0=setup.to_x0,
         **build.loss_kwargs(config),
     )
     bpd_step = make_bpd_step(
@@ -251,17 +261,21 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         conditioner=setup.conditioner,
     )
     sums, count = {}, 0
-    log.info("eval: the bound costs %d network calls per test image", setup.schedule.num_steps)
+    if setup.codec is None:
+        log.info("eval: the bound costs %d network calls per test image", setup.schedule.num_steps)
+    else:
+        log.info("eval: a latent model reports its loss only (bits/dim is for pixel models)")
     for i, batch in enumerate(
         tqdm.tqdm(eval_iter, desc="eval", unit="batch", disable=jax.process_index() != 0)
     ):
         mask = batch.pop("mask")
         batch = sharding.global_batch(batch, setup.mesh)
         key = jax.random.fold_in(setup.eval_key, i)
-        parts = {
-            "loss": eval_step(state.ema_params, batch, key, setup.frozen),
-            **bpd_step(state.ema_params, batch, jax.random.fold_in(key, 1), setup.frozen),
-        }
+        parts = {"loss": eval_step(state.ema_params, batch, key, setup.frozen)}
+        if setup.codec is None:  # bits/dim of latents would not be the images' bits/dim
+            parts.update(
+                bpd_step(state.ema_params, batch, jax.random.fold_in(key, 1), setup.frozen)
+            )
         mask = sharding.to_host(sharding.global_batch(mask, setup.mesh))
         for name, value in parts.items():
             sums[name] = sums.get(name, 0.0) + float(np.sum(sharding.to_host(value) * mask))

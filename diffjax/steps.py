@@ -55,6 +55,7 @@ def make_train_step(
     t_sampling: str = "uniform",
     grad_accum_steps: int = 1,
     conditioner: Conditioner = UNCONDITIONAL,
+    to_x0: Callable[[dict, Any, Array], Array] | None = None,
     **loss_kwargs,
 ):
     """Builds the compiled step `(state, batch, key, frozen) -> (state, metrics)`.
@@ -69,6 +70,8 @@ def make_train_step(
     condition with probability `conditioner.drop_prob` from the step's key (a resumed run drops
     the same examples). `frozen` holds frozen networks' parameters (e.g. a pretrained text
     encoder; None when there are none): an argument, never trained, donated or checkpointed.
+    `to_x0(batch, frozen, key)` gives the data x_0 of a batch (default `batch["image"]`); a
+    latent model's encodes it (`build.Setup.to_x0`).
     `loss_kwargs` go to `losses.training_losses` (loss, learned_variance, variance, vlb_weight,
     min_snr_gamma).
     """
@@ -111,7 +114,7 @@ def make_train_step(
     def step(state: TrainState, batch: dict, key: Array, frozen: Any):
         keys = jax.random.split(jax.random.fold_in(key, state.step), 4)
         t_key, noise_key, dropout_key, drop_key = keys
-        x0 = batch["image"]
+        x0 = batch["image"] if to_x0 is None else to_x0(batch, frozen, jax.random.fold_in(t_key, 1))
         c = conditioner.drop(conditioner.from_batch(batch, frozen), drop_key, frozen)
         t, weights = losses.sample_timesteps(t_key, x0.shape[0], state.loss_history, t_sampling)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
@@ -125,7 +128,7 @@ def make_train_step(
         history = state.loss_history
         if t_sampling == "importance":  # the only reader of the history
             history = losses.update_loss_history(history, t, terms["vlb"])
-        new_state = _apply(tx, ema_decay, state, grads, history)
+        new_state = apply_gradients(tx, ema_decay, state, grads, history)
         return new_state, {
             "loss": loss,
             "mse": jnp.mean(terms["mse"]),
@@ -133,10 +136,10 @@ def make_train_step(
             "grad_norm": optax.global_norm(grads),
         }
 
-    return _jit_train_step(step, mesh, abstract_state)
+    return jit_train_step(step, mesh, abstract_state)
 
 
-def _apply(tx, ema_decay: float, state: TrainState, grads, history) -> TrainState:
+def apply_gradients(tx, ema_decay: float, state: TrainState, grads, history) -> TrainState:
     """The optimizer update and the EMA: the next state."""
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -144,7 +147,7 @@ def _apply(tx, ema_decay: float, state: TrainState, grads, history) -> TrainStat
     return TrainState(state.step + 1, params, opt_state, ema, history)
 
 
-def _jit_train_step(step, mesh: jax.sharding.Mesh, abstract_state: TrainState):
+def jit_train_step(step, mesh: jax.sharding.Mesh, abstract_state: TrainState):
     """`step(state, batch, key, frozen)` compiled: state laid out and donated, batch split."""
     state_sh = jax.tree.map(lambda a: a.sharding, abstract_state)
     rep = sharding.replicated(mesh)
@@ -190,14 +193,14 @@ def make_classifier_train_step(
             return jnp.mean(nll), jnp.mean(jnp.argmax(logits, -1) == y)
 
         (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        new_state = _apply(tx, ema_decay, state, grads, state.loss_history)
+        new_state = apply_gradients(tx, ema_decay, state, grads, state.loss_history)
         return new_state, {
             "loss": loss,
             "accuracy": accuracy,
             "grad_norm": optax.global_norm(grads),
         }
 
-    return _jit_train_step(step, mesh, abstract_state)
+    return jit_train_step(step, mesh, abstract_state)
 
 
 def params_sharding_or_replicated(params_sharding: Any, mesh: jax.sharding.Mesh) -> Any:
@@ -206,7 +209,7 @@ def params_sharding_or_replicated(params_sharding: Any, mesh: jax.sharding.Mesh)
     return sharding.replicated(mesh) if params_sharding is None else params_sharding
 
 
-def _jit_eval_step(step, mesh: jax.sharding.Mesh, params_sharding: Any):
+def jit_eval_step(step, mesh: jax.sharding.Mesh, params_sharding: Any):
     """`step(params, batch, key, frozen) -> per-example values`, compiled, the batch split."""
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     return jax.jit(
@@ -225,24 +228,26 @@ def make_eval_step(
     target: str = "eps",
     params_sharding: Any = None,
     conditioner: Conditioner = UNCONDITIONAL,
+    to_x0: Callable[[dict, Any, Array], Array] | None = None,
     **loss_kwargs,
 ):
     """Compiled `(params, batch, key, frozen) -> per-example training loss [B]`, t uniform, the
-    batch's own condition (no dropout), batch split over the mesh. `loss_kwargs` as in
-    `make_train_step`."""
+    batch's own condition (no dropout), batch split over the mesh. `to_x0` and `loss_kwargs` as
+    in `make_train_step`."""
 
     def step(params, batch, key, frozen):
+        x0 = batch["image"] if to_x0 is None else to_x0(batch, frozen, jax.random.fold_in(key, 1))
         return losses.random_t_losses(
             schedule,
             make_denoise_fn(model, params),
-            batch["image"],
+            x0,
             key,
             cond=conditioner.from_batch(batch, frozen),
             target=target,
             **loss_kwargs,
         )["loss"]
 
-    return _jit_eval_step(step, mesh, params_sharding)
+    return jit_eval_step(step, mesh, params_sharding)
 
 
 def make_bpd_step(
@@ -272,4 +277,4 @@ def make_bpd_step(
             learned_variance=learned_variance,
         )
 
-    return _jit_eval_step(step, mesh, params_sharding)
+    return jit_eval_step(step, mesh, params_sharding)

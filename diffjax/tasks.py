@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from diffjax import build, infer, steps
+import jax
+import numpy as np
+
+from diffjax import ae_steps, build, image_io, infer, sharding, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +41,7 @@ def diffusion(setup: build.Setup) -> Task:
         t_sampling=config.diffusion.t_sampling,
         grad_accum_steps=config.train.grad_accum_steps,
         conditioner=setup.conditioner,
+        to_x0=setup.to_x0,
         **build.loss_kwargs(config),
     )
     n = config.train.num_samples
@@ -66,7 +70,48 @@ def classifier(setup: build.Setup) -> Task:
     return Task(step, None, lambda metrics: {"train/accuracy": float(metrics["accuracy"])})
 
 
-TASKS = {"diffusion": diffusion, "classifier": classifier}
+def autoencoder(setup: build.Setup) -> Task:
+    """The KL autoencoder of latent diffusion; its preview is a grid of held-out images (odd
+    rows) over their reconstructions (even rows)."""
+    config, a = setup.config, setup.config.autoencoder
+    step = ae_steps.make_train_step(
+        setup.model,
+        setup.discriminator,
+        setup.tx,
+        setup.mesh,
+        setup.abstract_state,
+        kl_weight=a.kl_weight,
+        disc_weight=a.disc_weight,
+        disc_start_steps=a.disc_start_steps,
+        ema_decay=config.optim.ema_decay,
+    )
+    reconstruct = ae_steps.make_reconstruct_fn(setup.model, setup.mesh)
+    shown = {}
+
+    def preview(params, path):
+        if "images" not in shown:  # the first held-out images, read once
+            source = build.open_split(config, config.data.eval_split)
+            n = min(config.train.num_samples, len(source))
+            n -= n % setup.mesh.size
+            shown["images"] = build.images_of(source, *setup.image_shape[::2])(0, n)
+        x = shown["images"]
+        rep = jax.device_put(params[ae_steps.AE], sharding.replicated(setup.mesh))
+        x_hat = sharding.to_host(
+            reconstruct(rep, sharding.from_global(x, sharding.batch_sharded(setup.mesh)))
+        )
+        if jax.process_index() == 0:
+            ncol = min(8, len(x))
+            rows = [m[i : i + ncol] for i in range(0, len(x), ncol) for m in (x, x_hat)]
+            image_io.save_grid(np.concatenate(rows), path, ncol=ncol)
+
+    def scalars(metrics):
+        names = ("rec", "kl", "g_loss", "adaptive_weight", "d_loss")
+        return {f"train/{k}": float(metrics[k]) for k in names if k in metrics}
+
+    return Task(step, preview, scalars)
+
+
+TASKS = {"diffusion": diffusion, "classifier": classifier, "autoencoder": autoencoder}
 
 
 def for_setup(setup: build.Setup) -> Task:

@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffjax import build, checkpoint, data, sharding, tasks
+from diffjax import build, checkpoint, data, latent_setup, sharding, tasks
 from diffjax.metrics import MetricWriter
 from diffjax.train_state import TrainState
 
@@ -59,6 +59,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tr = config.train
     d = config.data
     os.makedirs(workdir, exist_ok=True)
+    latent_setup.write_run_config(config, workdir)  # read back by latent runs and studies
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tr.keep_checkpoints)
     data_state = None
     if ckpt.latest_step() is not None:
@@ -80,6 +81,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         setup.load_text(workdir, captions)
     if (warning := data.upsampling_warning(source, d.image_size)) is not None:
         log.warning("%s: %s", d.name, warning)
+    if setup.codec is not None:  # a latent model: its scale, and the training set encoded once
+        source = latent_setup.prepare_training(
+            setup, source, data_state, build.data_dir(config), captions
+        )
     train_iter = data.make_train_iterator(
         source,
         image_size=d.image_size,
@@ -120,7 +125,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     def save(s):
         nonlocal last_saved
-        ckpt.save(s, state, {"train_iter": train_iter.get_state()})
+        meta = {"train_iter": train_iter.get_state()}
+        if setup.latent_meta is not None:
+            meta["latent"] = setup.latent_meta
+        ckpt.save(s, state, meta)
         last_saved = s
 
     try:

@@ -72,13 +72,18 @@ def make_init_fn(
     image_shape: tuple[int, ...],
     num_timesteps: int,
     example_cond: Cond = NONE,
+    init_params: Callable[[Array], Any] | None = None,
 ) -> Callable[[Array], TrainState]:
     """`key -> TrainState` for a network called as `model(x [1, *image_shape], t [1], cond)`;
-    `example_cond` is a batch-1 condition of the kind training feeds (e.g. `Cond(label=[0])`)."""
+    `example_cond` is a batch-1 condition of the kind training feeds (e.g. `Cond(label=[0])`).
+    `init_params` (`key -> params`) replaces that call for other networks (the autoencoder)."""
 
     def init(key):
-        x = jnp.zeros((1, *image_shape), jnp.float32)
-        params = model.init(key, x, jnp.zeros((1,), jnp.int32), example_cond)["params"]
+        if init_params is not None:
+            params = init_params(key)
+        else:
+            x = jnp.zeros((1, *image_shape), jnp.float32)
+            params = model.init(key, x, jnp.zeros((1,), jnp.int32), example_cond)["params"]
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -98,9 +103,10 @@ def abstract_train_state(
     *,
     num_timesteps: int,
     example_cond: Cond = NONE,
+    init_params: Callable[[Array], Any] | None = None,
 ) -> TrainState:
     """Shapes, dtypes and shardings of the state, without allocating it (for restoring)."""
-    init = make_init_fn(model, tx, image_shape, num_timesteps, example_cond)
+    init = make_init_fn(model, tx, image_shape, num_timesteps, example_cond, init_params)
     abstract = jax.eval_shape(init, jax.random.key(0))
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -118,13 +124,13 @@ def create_train_state(
     *,
     num_timesteps: int,
     example_cond: Cond = NONE,
+    init_params: Callable[[Array], Any] | None = None,
 ) -> TrainState:
     """Initialises the state under jit, so every leaf is a global array with its sharding."""
-    abstract = abstract_train_state(
-        model, tx, image_shape, mesh, num_timesteps=num_timesteps, example_cond=example_cond
-    )
+    kw = dict(num_timesteps=num_timesteps, example_cond=example_cond, init_params=init_params)
+    abstract = abstract_train_state(model, tx, image_shape, mesh, **kw)
     shardings = jax.tree.map(lambda a: a.sharding, abstract)
-    init = make_init_fn(model, tx, image_shape, num_timesteps, example_cond)
+    init = make_init_fn(model, tx, image_shape, num_timesteps, example_cond, init_params)
     return jax.jit(init, out_shardings=shardings)(key)
 
 

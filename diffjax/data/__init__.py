@@ -4,6 +4,7 @@ the grain pipeline that turns a source into sharded, shuffled, checkpointable ba
 from diffjax.data.digits import Digits
 from diffjax.data.errors import DatasetError
 from diffjax.data.image_folder import ImageFolder
+from diffjax.data.photos import Photos
 from diffjax.data.pipeline import (
     TrainIterator,
     make_eval_iterator,
@@ -17,6 +18,7 @@ __all__ = [
     "DatasetError",
     "Digits",
     "ImageFolder",
+    "Photos",
     "RecordSource",
     "TrainIterator",
     "get_builder",

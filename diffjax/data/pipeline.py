@@ -63,8 +63,18 @@ def upsampling_warning(source, image_size: int, probe: int = 32) -> str | None:
 
 
 def _example(record, image_size: int, channels: int, captions=None) -> dict:
-    image = preprocess_image(record["image"], image_size, channels)
-    example = {"image": image, "label": np.int32(record.get("label", 0))}
+    if "latent_mean" in record:  # an encoded example (`latent.CachedSource`): no image to read
+        example = {
+            "latent_mean": np.asarray(record["latent_mean"][0], np.float32),
+            "latent_std": np.asarray(record["latent_std"][0], np.float32),
+            "label": np.int32(record.get("label", 0)),
+        }
+        if len(record["latent_mean"]) > 1:  # the mirror image's latents, for `_random_flip`
+            example["flipped_mean"] = np.asarray(record["latent_mean"][1], np.float32)
+            example["flipped_std"] = np.asarray(record["latent_std"][1], np.float32)
+    else:
+        image = preprocess_image(record["image"], image_size, channels)
+        example = {"image": image, "label": np.int32(record.get("label", 0))}
     if captions is not None:
         example["caption_choices"] = np.asarray(captions.choices(record), np.int32)
     return example
@@ -85,7 +95,13 @@ def _first_caption(example: dict) -> dict:
 
 
 def _random_flip(example: dict, rng: np.random.Generator) -> dict:
-    if rng.random() < 0.5:
+    flip = rng.random() < 0.5
+    if "latent_mean" in example:  # the encoder's latents of the mirrored image, not a mirror
+        example = dict(example)
+        mean, std = example.pop("flipped_mean"), example.pop("flipped_std")
+        if flip:
+            example.update(latent_mean=mean, latent_std=std)
+    elif flip:
         example = {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
     return example
 

@@ -18,9 +18,13 @@ import tensorflow_datasets as tfds
 from diffjax.data.digits import Digits
 from diffjax.data.errors import DatasetError
 from diffjax.data.image_folder import ImageFolder
+from diffjax.data.photos import Photos
 
 _ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
-_KNOWN = "'digits', 'image_folder' (with folder=PATH), or any tfds catalog name (e.g. 'cifar10')"
+_KNOWN = (
+    "'digits', 'photos', 'image_folder' (with folder=PATH), or any tfds catalog name "
+    "(e.g. 'cifar10')"
+)
 
 
 def get_builder(name: str, data_dir: str | os.PathLike, *, folder: str | os.PathLike | None = None):
@@ -44,6 +48,8 @@ def get_builder(name: str, data_dir: str | os.PathLike, *, folder: str | os.Path
         raise DatasetError(f"folder= is only for the 'image_folder' dataset, not {name!r}.")
     if name == "digits":
         return Digits(data_dir=data_dir)
+    if name == "photos":
+        return Photos(data_dir=data_dir)
     try:
         return tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
@@ -121,7 +127,7 @@ def _prepare(builder, name: str, data_dir: str, download: bool):
     Returns:
       The builder to read from (a fresh one where an image folder was prepared again).
     """
-    local = isinstance(builder, Digits | ImageFolder)
+    local = isinstance(builder, Digits | ImageFolder | Photos)
     stale = isinstance(builder, ImageFolder) and builder.is_stale()
     if builder.is_prepared() and not stale:
         if _ARRAY_RECORD not in builder.info.available_file_formats():

@@ -1,0 +1,188 @@
+"""Config → the frozen autoencoder of a latent run, its scale and its cached training latents."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from diffjax import checkpoint, latent, sharding
+from diffjax.latent import Codec, LatentError
+from diffjax.models import autoencoder as ae_lib
+
+log = logging.getLogger(__name__)
+
+
+def is_latent(config) -> bool:
+    return bool(config.latent.autoencoder_workdir or config.latent.diffusers_vae)
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run wrote to `<workdir>/config.json`."""
+    path = os.path.join(workdir, latent.CONFIG_FILE)
+    if not os.path.isfile(path):
+        what = "is not there" if not os.path.exists(workdir) else f"has no {latent.CONFIG_FILE}"
+        raise LatentError(
+            f"config.latent.autoencoder_workdir: {workdir} {what}; name the --workdir of a "
+            f"finished `--config configs/vae_*.py` training run"
+        )
+    try:
+        with open(path) as f:
+            return ml_collections.ConfigDict(json.load(f))
+    except ValueError as err:
+        raise LatentError(f"{path} is corrupt ({err})") from None
+
+
+def write_run_config(config, workdir: str) -> None:
+    """Writes the run's config to `<workdir>/config.json` (process 0), atomically."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, latent.CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    os.replace(path + ".tmp", path)
+
+
+def open_codec(config, mesh) -> Codec | None:
+    """The frozen autoencoder that `config.latent` names (None for a pixel-space run), its
+    parameters restored and replicated over the mesh."""
+    lt = config.latent
+    if lt.diffusers_vae:
+        from diffjax.models import diffusers_vae
+
+        module, params, meta = diffusers_vae.load_autoencoder_kl(lt.diffusers_vae)
+        codec = Codec(module, params, lt.diffusers_vae, meta.get("scaling_factor"))
+    elif lt.autoencoder_workdir:
+        codec = _from_workdir(lt.autoencoder_workdir, lt.autoencoder_step, mesh)
+    else:
+        return None
+    channels = config.data.channels
+    if codec.module.in_channels != channels:
+        raise LatentError(
+            f"config.latent: the autoencoder ({codec.origin}) encodes {codec.module.in_channels}-"
+            f"channel images, but config.data.channels={channels}; use an autoencoder trained "
+            f"on this data"
+        )
+    codec.params = jax.device_put(codec.params, sharding.replicated(mesh))
+    return codec
+
+
+def _from_workdir(workdir: str, step: int, mesh) -> Codec:
+    from diffjax import build  # build imports this module
+
+    ae_config = read_run_config(workdir)
+    if ae_config.get("task") != "autoencoder":
+        raise LatentError(
+            f"config.latent.autoencoder_workdir: {workdir} holds a task="
+            f"{ae_config.get('task')!r} run, not an autoencoder (train one with "
+            f"configs/vae_*.py)"
+        )
+    ae_setup = build.Setup(ae_config)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
+    try:
+        state, _, restored = ckpt.restore(ae_setup.abstract(mesh), step or None)
+    except checkpoint.CheckpointError as err:
+        raise LatentError(f"config.latent.autoencoder_workdir: {err}") from None
+    finally:
+        ckpt.close()
+    params = state.ema_params["autoencoder"]
+    return Codec(ae_setup.model, params, f"{workdir} step {restored}")
+
+
+def autoencoder_model(config) -> ae_lib.AutoencoderKL:
+    """The autoencoder of a task=autoencoder config."""
+    a = config.autoencoder
+    return ae_lib.AutoencoderKL(
+        in_channels=config.data.channels,
+        out_channels=config.data.channels,
+        block_out_channels=tuple(a.block_out_channels),
+        layers_per_block=a.layers_per_block,
+        latent_channels=a.latent_channels,
+        num_groups=a.num_groups,
+        mid_attention=a.mid_attention,
+        dtype=jnp.dtype(config.model.dtype),
+    )
+
+
+def scale_for_training(config, codec: Codec, data_state: dict | None, images_of, num, encode):
+    """The latent scale of this run: from its checkpoint when resuming (the autoencoder must be
+    the one it started with), else `latent.scale`, the autoencoder's own, or 1/std of the
+    posterior samples of the first `latent.scale_examples` training examples.
+    Returns the `{"scale", "autoencoder"}` metadata every checkpoint then carries."""
+    saved = (data_state or {}).get("latent")
+    if saved:
+        if saved["autoencoder"] != codec.fingerprint:
+            raise LatentError(
+                f"config.latent: this run started with another autoencoder (fingerprint "
+                f"{saved['autoencoder'][:12]}…) than {codec.origin} ({codec.fingerprint[:12]}…); "
+                f"use that one, or a fresh --workdir"
+            )
+        return saved
+    scale = config.latent.scale or codec.scale
+    if not scale:
+        n = min(num, config.latent.scale_examples)
+        mean, std = encode(images_of, n)
+        draws = mean + std * np.random.default_rng(config.seed).standard_normal(mean.shape)
+        scale = latent.estimate_scale(draws)
+        log.info("latent scale 1/std = %.5f from %d training examples", scale, n)
+    return {"scale": float(scale), "autoencoder": codec.fingerprint}
+
+
+def cached_source(config, codec: Codec, source, data_dir: str, encode, images_of, captions):
+    """The training split as encoded examples (`latent.CachedSource`), from the cache in
+    `<data_dir>/latent_cache/` when it was made by this autoencoder, else encoded now."""
+    d = config.data
+    path = latent.cache_path(
+        data_dir, d.name, config.data.train_split, d.image_size, d.channels, d.random_flip,
+        codec.fingerprint,
+    )  # fmt: skip
+    cache = latent.read_cache(path, codec.fingerprint, len(source))
+    if cache is None:
+        log.info("encoding the %d training examples once into %s", len(source), path)
+        mean, std = encode(images_of, len(source))
+        views = [mean], [std]
+        if d.random_flip:
+            fm, fs = encode(lambda lo, hi: images_of(lo, hi)[:, :, ::-1], len(source))
+            views[0].append(fm)
+            views[1].append(fs)
+        labels = np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
+        cache = {
+            "mean": np.stack(views[0], axis=1),
+            "std": np.stack(views[1], axis=1),
+            "label": labels,
+        }
+        if jax.process_index() == 0:
+            latent.write_cache(path, codec.fingerprint, cache["mean"], cache["std"], labels)
+    else:
+        log.info("training from the latent cache %s", path)
+    texts = source.texts() if captions is not None and source.has_text else None
+    return latent.CachedSource(cache, texts)
+
+
+def prepare_training(setup, source, data_state: dict | None, data_dir: str, captions):
+    """For a latent run: fixes the latent scale (`setup.set_latent_scale`) and returns the
+    training source to read, the cached latents when `latent.cache`, else `source`."""
+    from diffjax import build
+
+    config = setup.config
+    d = config.data
+    module_encode = latent.make_encode_fn(setup.codec.module, setup.mesh)
+    batch = config.train.batch_size
+
+    def encode(images_of, num):
+        return latent.encode_batches(
+            module_encode, setup.codec.params, images_of, num, batch, setup.mesh
+        )
+
+    read = build.images_of(source, d.image_size, d.channels)
+    setup.set_latent_scale(
+        scale_for_training(config, setup.codec, data_state, read, len(source), encode)
+    )
+    if not config.latent.cache:
+        return source
+    return cached_source(config, setup.codec, source, data_dir, encode, read, captions)
