@@ -58,9 +58,7 @@ def model(config, latent_channels: int = 0) -> UNet | TextUNet | AutoencoderKL:
     kw["dtype"] = jnp.dtype(kw.pop("dtype"))
     kw["attention_resolutions"] = tuple(kw["attention_resolutions"])
     kw["channel_mults"] = tuple(kw["channel_mults"])
-    channels = latent_channels or config.data.channels
-    if latent_channels:
-        kw["in_channels"] = latent_channels
+    channels = latent_channels or config.data.channels  # the input's; the output matches
     kw["out_channels"] = channels * (2 if config.diffusion.learned_variance else 1)
     kw["context_dim"] = context_width(config)
     unet = UNet(**kw)

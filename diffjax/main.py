@@ -8,7 +8,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from diffjax import checkpoint, cli, config_check, data, infer, train
+from diffjax import checkpoint, cli, config_check, data, infer, latent, reconstruct, train
 from diffjax.data import tokenizer
 from diffjax.models import pretrained
 
@@ -21,6 +21,8 @@ BAD_INPUT_ERRORS = (
     pretrained.PretrainedError,
     tokenizer.TokenizerError,
     infer.SampleError,
+    latent.LatentError,
+    reconstruct.ImageFileError,
 )
 RUNTIME_ERRORS = (train.NonFiniteLossError,)
 
@@ -30,10 +32,24 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "sample"],
+    ["train", "eval", "sample", "reconstruct"],
     "train: train (resuming from the workdir); eval: test-split loss of a "
-    "checkpoint; sample: a grid and .npz of samples from a checkpoint.",
+    "checkpoint (an autoencoder's PSNR/SSIM/KL); sample: a grid and .npz of samples from a "
+    "checkpoint; reconstruct: --input image files through the config's autoencoder.",
 )
+flags.DEFINE_list(
+    "input",
+    None,
+    "--mode=reconstruct: image files (PNG/JPEG/WebP) to encode and decode, or an .npz of "
+    "latents ('mean' [h, w, z]) to decode.",
+)
+flags.DEFINE_string(
+    "output",
+    None,
+    "--mode=reconstruct: the PNG to write (a directory for several inputs); a path ending in "
+    ".npz gets the posterior's mean and std instead.",
+)
+flags.DEFINE_bool("overwrite", False, "--mode=reconstruct: replace an existing --output.")
 flags.DEFINE_integer("step", None, "Checkpoint step for eval/sample; default the newest.")
 flags.DEFINE_integer("num_samples", None, "Samples to draw in --mode=sample.")
 flags.DEFINE_string(
@@ -100,8 +116,24 @@ def main(argv):
             train.train_and_evaluate(config, FLAGS.workdir)
         elif FLAGS.mode == "eval":
             cli.check_writable_dir(FLAGS.workdir, "--workdir")
-            print(infer.evaluate(config, FLAGS.workdir, FLAGS.step))
+            if config.task == "autoencoder":
+                print(reconstruct.evaluate_autoencoder(config, FLAGS.workdir, FLAGS.step))
+            else:
+                print(infer.evaluate(config, FLAGS.workdir, FLAGS.step))
+        elif FLAGS.mode == "reconstruct":
+            if not FLAGS.input or not FLAGS.output:
+                raise cli.BadInput("--mode=reconstruct needs --input FILE[,FILE...] and --output")
+            print(
+                reconstruct.reconstruct_files(
+                    config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.step, FLAGS.overwrite
+                )
+            )
         else:
+            if config.task == "autoencoder":
+                raise cli.BadInput(
+                    "an autoencoder is not sampled: use --mode=reconstruct --input ... --output "
+                    "..., or --mode=eval"
+                )
             cli.check_writable_dir(os.path.join(FLAGS.workdir, "samples"), "--workdir's samples/")
             label = FLAGS.label if FLAGS.label in (None, "all") else int(FLAGS.label)
             print(
@@ -142,7 +174,7 @@ def _check_flags() -> None:
         raise cli.BadInput(f"--step={FLAGS.step}: a checkpoint step is >= 0")
     if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
         raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
-    sp = FLAGS.config.sampler
+    sp, lt = FLAGS.config.sampler, FLAGS.config.latent
     guided = bool(sp.classifier_workdir or sp.classifier_config)
     _check_label(FLAGS.label, FLAGS.config.model.num_classes, guided)
     _check_prompts(FLAGS.config.text.encoder)
@@ -164,6 +196,8 @@ def _check_flags() -> None:
                 "--config.train.num_samples"
             )
         cli.check_writable_dir(FLAGS.workdir, "--workdir")
+    elif FLAGS.mode == "reconstruct" and (lt.autoencoder_workdir or lt.diffusers_vae):
+        return  # the latent config's own autoencoder: no checkpoint of the workdir is read
     elif not os.path.isdir(FLAGS.workdir):
         what = "a file, not a workdir" if os.path.exists(FLAGS.workdir) else "not there"
         raise cli.BadInput(
