@@ -41,7 +41,7 @@ def make_optimizer(ae_tx: optax.GradientTransformation, disc_tx=None):
     return optax.multi_transform({AE: ae_tx, DISC: disc_tx}, {AE: AE, DISC: DISC})
 
 
-def _last_layer_grad(features: Array, kernel: Array, cotangent: Array) -> Array:
+def last_layer_grad(features: Array, kernel: Array, cotangent: Array) -> Array:
     """∂L/∂W of the decoder's `conv_out` (x̂ = conv(h, W) + b) for a cotangent ∂L/∂x̂."""
     h = jax.lax.stop_gradient(features)
     _, vjp = jax.vjp(lambda w: conv2d(h, w, 1, "SAME"), kernel)
@@ -96,8 +96,8 @@ def make_train_step(
                 rec_cot = jax.grad(lambda img: jnp.mean(ae_losses.reconstruction_loss(x, img)))
                 kernel = ae_params["decoder"]["conv_out"]["kernel"]
                 lam = ae_losses.adaptive_weight(
-                    _last_layer_grad(feats, kernel, rec_cot(fixed)),
-                    _last_layer_grad(feats, kernel, jax.grad(g_loss_of)(fixed)),
+                    last_layer_grad(feats, kernel, rec_cot(fixed)),
+                    last_layer_grad(feats, kernel, jax.grad(g_loss_of)(fixed)),
                     disc_weight,
                 )
                 loss = loss + factor * lam * g_loss

@@ -32,7 +32,10 @@ def evaluate_autoencoder(config, workdir: str, step: int | None = None) -> dict:
     d = config.data
     source = build.open_split(config, d.eval_split)
     eval_iter = data.make_eval_iterator(
-        source, image_size=d.image_size, channels=d.channels, batch_size=config.train.eval_batch_size
+        source,
+        image_size=d.image_size,
+        channels=d.channels,
+        batch_size=config.train.eval_batch_size,
     )
     ae_sharding = setup.params_sharding[ae_steps.AE]
     step_fn = ae_steps.make_eval_step(setup.model, setup.mesh, ae_sharding)

@@ -1,0 +1,155 @@
+"""Latent diffusion: the scale estimate, the latent cache, and the whole chain from the CLI
+(autoencoder → latent model → decoded samples), with its bad inputs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import cli, one_line_error, run_all
+
+from diffjax import latent
+
+
+def test_scale_estimate_on_data_with_a_known_std():
+    z = np.random.default_rng(0).normal(0.3, 2.5, size=(4096, 4, 4, 4))
+    assert latent.estimate_scale(z) == pytest.approx(1 / 2.5, rel=0.01)
+    with pytest.raises(latent.LatentError):
+        latent.estimate_scale(np.zeros((4, 2, 2, 1)))
+
+
+def _cache(n=5, value=0.0):
+    mean = np.full((n, 1, 2, 2, 4), value, np.float32)
+    return mean, np.ones_like(mean), np.arange(n, dtype=np.int32)
+
+
+def test_the_cache_is_used_when_valid_and_rebuilt_when_the_autoencoder_changes(tmp_path):
+    path_a = latent.cache_path(str(tmp_path), "digits", "train", 32, 1, False, "a" * 64)
+    latent.write_cache(path_a, "a" * 64, *_cache(value=1.0))
+    got = latent.read_cache(path_a, "a" * 64, 5)
+    np.testing.assert_array_equal(got["mean"], _cache(value=1.0)[0])
+    assert latent.read_cache(path_a, "a" * 64, 6) is None  # the dataset changed size
+    # Another autoencoder: another file; writing it removes the stale one.
+    path_b = latent.cache_path(str(tmp_path), "digits", "train", 32, 1, False, "b" * 64)
+    assert path_b != path_a and latent.read_cache(path_b, "b" * 64, 5) is None
+    latent.write_cache(path_b, "b" * 64, *_cache(value=2.0))
+    assert not os.path.exists(path_a) and latent.read_cache(path_b, "b" * 64, 5) is not None
+    with open(path_b, "wb") as f:  # a damaged file is rebuilt, not trusted
+        f.write(b"not an npz")
+    assert latent.read_cache(path_b, "b" * 64, 5) is None
+
+
+def test_cached_source_records_and_flip_views():
+    mean = np.stack([np.zeros((3, 2, 2, 4)), np.ones((3, 2, 2, 4))], axis=1).astype(np.float32)
+    src = latent.CachedSource(
+        {"mean": mean, "std": mean + 1, "label": np.arange(3)}, ["a", "b", "c"]
+    )
+    from diffjax.data import make_train_iterator
+
+    it = make_train_iterator(
+        src, image_size=8, channels=1, global_batch=3, seed=0, random_flip=True
+    )
+    batch = next(it)
+    assert set(batch) == {"latent_mean", "latent_std", "label"}
+    # Each example takes the view of the image (0) or of its mirror (1), with its own std.
+    means = batch["latent_mean"].reshape(3, -1)
+    assert set(np.unique(means)) <= {0.0, 1.0}
+    np.testing.assert_array_equal(batch["latent_std"], batch["latent_mean"] + 1)
+    assert src[2]["text"] == "c" and src[2]["label"] == 2
+
+
+def _ae(work, data_dir, *flags):
+    return cli("vae_digits.py:tiny", work, data_dir, *flags)
+
+
+def _lat(work, data_dir, ae_work, *flags, variant="tiny"):
+    return cli(
+        f"digits_latent.py:{variant}", work, data_dir,
+        f"--config.latent.autoencoder_workdir={ae_work}", *flags,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+    data_dir, work = tmp_path_factory.mktemp("tfds"), tmp_path_factory.mktemp("vae")
+    results = run_all({"train": _ae(work, data_dir)})
+    assert results["train"][0] == 0, results["train"][2][-3000:]
+    return data_dir, work
+
+
+def test_latent_model_trains_resumes_and_samples_decoded_images(autoencoder_run, tmp_path):
+    data_dir, ae_work = autoencoder_run
+    work = tmp_path / "latent"
+    rc, _, err = run_all({"t": _lat(work, data_dir, ae_work, "--config.train.num_steps=3")})["t"]
+    assert rc == 0, err[-3000:]
+    assert "latent scale 1/std" in err and "encoding the" in err
+    caches = os.listdir(data_dir / "latent_cache")
+    assert len(caches) == 1
+    results = run_all(
+        {
+            "resume": _lat(work, data_dir, ae_work),  # to the config's 6 steps
+            "ae_eval": _ae(ae_work, data_dir, "--mode=eval"),
+        }
+    )
+    rc, _, err = results["resume"]
+    assert rc == 0 and "resumed from step 3" in err and "training from the latent cache" in err, (
+        err[-3000:]
+    )
+    assert results["ae_eval"][0] == 0, results["ae_eval"][2][-3000:]
+    metrics = [json.loads(x) for x in open(ae_work / "metrics.jsonl")]
+    evals = [m for m in metrics if "eval/psnr" in m]
+    assert evals and {"eval/ssim", "eval/kl", "eval/bicubic_psnr"} <= set(evals[-1])
+    rc, out, err = run_all(
+        {
+            "s": _lat(
+                work,
+                data_dir,
+                ae_work,
+                "--mode=sample",
+                "--num_samples=4",
+                "--config.sampler.name=ddim",
+                "--config.sampler.steps=5",
+            )
+        }  # fmt: skip
+    )["s"]
+    assert rc == 0, err[-3000:]
+    images = np.load(work / "samples" / "sample_0000006.npz")["images"]
+    # Decoded pixels, not latents: 16x16x1 in [-1, 1].
+    assert images.shape == (4, 16, 16, 1) and images.min() >= -1 and images.max() <= 1
+    # The scale and the autoencoder's fingerprint travel in the checkpoint's metadata.
+    meta = json.load(open(work / "checkpoints" / "6" / "data" / "metadata"))
+    assert meta["latent"]["scale"] > 0 and len(meta["latent"]["autoencoder"]) == 64
+
+
+def test_latent_bad_input_is_one_line_and_writes_nothing(autoencoder_run, tmp_path):
+    data_dir, ae_work = autoencoder_run
+    pixel = tmp_path / "pixel"
+    pixel.mkdir()
+    (pixel / "config.json").write_text(json.dumps({"task": "diffusion"}))
+    work = lambda name: tmp_path / name
+    results = run_all(
+        {
+            "missing": _lat(work("a"), data_dir, tmp_path / "nowhere"),
+            "not_an_autoencoder": _lat(work("b"), data_dir, pixel),
+            "channels": _lat(work("c"), data_dir, ae_work, "--config.data.channels=3"),
+            "clip": _lat(work("d"), data_dir, ae_work, "--config.sampler.clip_x0=True"),
+            "bad_z": _ae(work("e"), data_dir, "--config.autoencoder.latent_channels=0"),
+            "lpips": _ae(work("f"), data_dir, "--config.autoencoder.perceptual_weight=1.0"),
+            "diffusers_missing_tensor": _lat(
+                work("g"),
+                data_dir,
+                "",
+                "--config.data.channels=3",
+                f"--config.latent.diffusers_vae={tmp_path / 'no_vae'}",
+            ),  # fmt: skip
+        }
+    )
+    one_line_error(results["missing"], "autoencoder_workdir", "not there")
+    one_line_error(results["not_an_autoencoder"], "task='diffusion'", "not an autoencoder")
+    one_line_error(results["channels"], "data.channels=3")
+    one_line_error(results["clip"], "sampler.clip_x0")
+    one_line_error(results["bad_z"], "autoencoder.latent_channels")
+    one_line_error(results["lpips"], "perceptual_weight")
+    one_line_error(results["diffusers_missing_tensor"], "no_vae")
+    for name in "abcdefg":
+        assert not (work(name) / "checkpoints").exists(), name
