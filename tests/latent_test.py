@@ -72,8 +72,12 @@ def _lat(work, data_dir, ae_work, *flags, variant="tiny"):
 @pytest.fixture(scope="module")
 def autoencoder_run(tmp_path_factory):
     data_dir, work = tmp_path_factory.mktemp("tfds"), tmp_path_factory.mktemp("vae")
-    results = run_all({"train": _ae(work, data_dir)})
-    assert results["train"][0] == 0, results["train"][2][-3000:]
+    rc, _, err = run_all({"train": _ae(work, data_dir, "--config.train.num_steps=3")})["train"]
+    assert rc == 0, err[-3000:]
+    rc, _, err = run_all({"resume": _ae(work, data_dir)})["resume"]  # to the config's 6 steps
+    assert rc == 0 and "resumed from step 3" in err, err[-3000:]
+    assert sorted(os.listdir(work / "checkpoints")) == ["3", "6"]
+    assert os.path.exists(work / "samples" / "step_0000006.png")  # reconstructions
     return data_dir, work
 
 
@@ -153,3 +157,28 @@ def test_latent_bad_input_is_one_line_and_writes_nothing(autoencoder_run, tmp_pa
     one_line_error(results["diffusers_missing_tensor"], "no_vae")
     for name in "abcdefg":
         assert not (work(name) / "checkpoints").exists(), name
+
+
+@pytest.mark.slow
+def test_text_latent_model_samples_a_prompt_and_refuses_another_autoencoder(
+    autoencoder_run, tmp_path
+):
+    data_dir, ae_work = autoencoder_run
+    work = tmp_path / "text"
+    rc, _, err = run_all({"t": _lat(work, data_dir, ae_work, variant="text_tiny")})["t"]
+    assert rc == 0, err[-3000:]
+    rc, _, err = run_all(
+        {"s": _lat(work, data_dir, ae_work, "--mode=sample", "--num_samples=4",
+                   "--prompt=a handwritten 3", variant="text_tiny")}  # fmt: skip
+    )["s"]
+    assert rc == 0, err[-3000:]
+    assert np.load(work / "samples" / "sample_0000006.npz")["images"].shape == (4, 16, 16, 1)
+    # Another autoencoder (a second run, other weights) under the same latent workdir: refused.
+    other = tmp_path / "other_vae"
+    rc, _, err = run_all({"o": _ae(other, data_dir, "--config.seed=1")})["o"]
+    assert rc == 0, err[-3000:]
+    result = run_all(
+        {"r": _lat(work, data_dir, other, "--config.train.num_steps=9", variant="text_tiny")}
+    )["r"]
+    one_line_error(result, "another autoencoder")
+    assert sorted(os.listdir(work / "checkpoints")) == ["3", "6"]
