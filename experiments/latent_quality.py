@@ -81,8 +81,9 @@ def main():
         print(f"| {name} | {steps} steps | {seconds / 60:.1f} min | {steps / seconds:.2f} | "
               f"{per_sample * 1e3:.1f} ms | {q['confidence']:.3f} | {q['coverage']:g}/10 | "
               f"{q['class_kl']:.3f} | {q['fd']:.2f} |")  # fmt: skip
-    print(f"| real digits ({args.num}) | | | | | {q['confidence_real']:.3f} | "
-          f"{q['coverage_real']:g}/10 | {q['class_kl_real']:.3f} | {q['fd_real']:.2f} |")  # fmt: skip
+    real = (q["confidence_real"], q["coverage_real"], q["class_kl_real"], q["fd_real"])
+    print(f"| real digits ({args.num}) | | | | | {real[0]:.3f} | {real[1]:g}/10 | {real[2]:.3f} "
+          f"| {real[3]:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -168,8 +168,17 @@ def test_text_latent_model_samples_a_prompt_and_refuses_another_autoencoder(
     rc, _, err = run_all({"t": _lat(work, data_dir, ae_work, variant="text_tiny")})["t"]
     assert rc == 0, err[-3000:]
     rc, _, err = run_all(
-        {"s": _lat(work, data_dir, ae_work, "--mode=sample", "--num_samples=4",
-                   "--prompt=a handwritten 3", variant="text_tiny")}  # fmt: skip
+        {
+            "s": _lat(
+                work,
+                data_dir,
+                ae_work,
+                "--mode=sample",
+                "--num_samples=4",
+                "--prompt=a handwritten 3",
+                variant="text_tiny",
+            )
+        }  # fmt: skip
     )["s"]
     assert rc == 0, err[-3000:]
     assert np.load(work / "samples" / "sample_0000006.npz")["images"].shape == (4, 16, 16, 1)

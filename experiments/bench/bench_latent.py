@@ -135,7 +135,8 @@ def main():
     for name, fn in samples.items():
         results[name] = _median(fn, max(2, args.rounds // 3))
     print(
-        f"\n{_cpu_model()}, jax {jax.__version__}, {jax.device_count()} device, batch {args.batch}\n"
+        f"\n{_cpu_model()}, jax {jax.__version__}, {jax.device_count()} device, "
+        f"batch {args.batch}\n"
     )
     print("| train step | step only (ms) | with input pipeline (ms) | steps/s | vs pixel |")
     print("|---|---|---|---|---|")
