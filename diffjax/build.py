@@ -311,21 +311,7 @@ class Setup:
         """A latent model's `(batch, frozen, key) -> x_0`: the scaled latents of the batch, a
         fresh draw from the posterior each time (from the cache's mean and std, or by encoding
         the images); None in pixel space (x_0 is the image)."""
-        if self.codec is None:
-            return None
-        module = self.codec.module
-
-        def encode(batch, frozen, key):
-            if "latent_mean" in batch:
-                mean, std = batch["latent_mean"], batch["latent_std"]
-            else:
-                post = module.apply(
-                    {"params": frozen["autoencoder"]}, batch["image"], method="encode"
-                )
-                mean, std = post.mean, post.std
-            return frozen["latent_scale"] * (mean + std * jax.random.normal(key, mean.shape))
-
-        return encode
+        return None if self.codec is None else latent_setup.make_to_x0(self.codec.module)
 
     def decode(self, x):
         """Model outputs → images in [-1, 1]: a latent model's are decoded (after dividing by
@@ -333,15 +319,7 @@ class Setup:
         if self.codec is None:
             return x
         if self._decode is None:
-            module, rep = self.codec.module, sharding.replicated(self.mesh)
-            batch_sh = sharding.batch_sharded(self.mesh)
-            self._decode = jax.jit(
-                lambda p, s, z: jnp.clip(
-                    module.apply({"params": p}, z / s, method="decode"), -1, 1
-                ),
-                in_shardings=(rep, rep, batch_sh),
-                out_shardings=batch_sh,
-            )
+            self._decode = latent_setup.make_decode_fn(self.codec.module, self.mesh)
         return self._decode(self.codec.params, self._frozen["latent_scale"], x)
 
     def _state_kwargs(self) -> dict:

@@ -53,9 +53,17 @@ class Codec:
             h = hashlib.sha256(repr(self.module).encode())
             for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
                 h.update(jax.tree_util.keystr(path).encode())
-                h.update(np.ascontiguousarray(jax.device_get(leaf), np.float32).tobytes())
+                h.update(np.ascontiguousarray(_host(leaf), np.float32).tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+
+def _host(leaf) -> np.ndarray:
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        from diffjax import sharding  # several processes: gather the whole value
+
+        return sharding.to_host(leaf)
+    return np.asarray(jax.device_get(leaf))
 
 
 def estimate_scale(z: np.ndarray) -> float:

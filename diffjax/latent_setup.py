@@ -68,6 +68,7 @@ def open_codec(config, mesh) -> Codec | None:
             f"channel images, but config.data.channels={channels}; use an autoencoder trained "
             f"on this data"
         )
+    codec.fingerprint  # noqa: B018 - computed while the params are where they were restored
     codec.params = jax.device_put(codec.params, sharding.replicated(mesh))
     return codec
 
@@ -186,3 +187,30 @@ def prepare_training(setup, source, data_state: dict | None, data_dir: str, capt
     if not config.latent.cache:
         return source
     return cached_source(config, setup.codec, source, data_dir, encode, read, captions)
+
+
+def make_to_x0(module: ae_lib.AutoencoderKL):
+    """`(batch, frozen, key) -> x_0` of a latent model's steps: scale · z, z a fresh posterior
+    draw, from the cached mean and std (`latent_mean`, `latent_std`) or by encoding the batch's
+    images with `frozen["autoencoder"]`."""
+
+    def to_x0(batch, frozen, key):
+        if "latent_mean" in batch:
+            mean, std = batch["latent_mean"], batch["latent_std"]
+        else:
+            params = {"params": frozen["autoencoder"]}
+            post = module.apply(params, batch["image"], method="encode")
+            mean, std = post.mean, post.std
+        return frozen["latent_scale"] * (mean + std * jax.random.normal(key, mean.shape))
+
+    return to_x0
+
+
+def make_decode_fn(module: ae_lib.AutoencoderKL, mesh):
+    """Compiled `(params, scale, latents) -> images in [-1, 1]`: decode(z / scale), batch split."""
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+    def decode(params, scale, z):
+        return jnp.clip(module.apply({"params": params}, z / scale, method="decode"), -1, 1)
+
+    return jax.jit(decode, in_shardings=(rep, rep, batch_sh), out_shardings=batch_sh)

@@ -27,16 +27,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
+from bench_text import _cpu_model  # noqa: E402 - the same CPU line in every table
+
 from configs import digits, digits_latent  # noqa: E402
 from diffjax import build, data, latent_setup, sharding, steps  # noqa: E402
-
-
-def _cpu_model() -> str:
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def _configs(args, data_dir):
