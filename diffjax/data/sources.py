@@ -1,10 +1,10 @@
 """From a dataset name to a random-access source of {'image', 'label'} records, prepared if needed.
 
 Every dataset is read the same way: a tfds builder prepared as array_record in `data_dir`, opened
-with `builder.as_data_source(split)` (random access, decoded with PIL, no TensorFlow). `digits` and
-`image_folder` prepare themselves locally; tfds catalog datasets (cifar10, celeb_a, mnist, ...)
-are downloaded and prepared by tfds, which needs TensorFlow (`pip install 'diffjax[prepare]'`), or
-copied into `data_dir` already prepared as array_record.
+with `builder.as_data_source(split)` (random access, decoded with PIL, no TensorFlow). `digits`,
+`photos` and `image_folder` prepare themselves locally; tfds catalog datasets (cifar10,
+celeb_a, mnist, ...) are downloaded and prepared by tfds, which needs TensorFlow
+(`pip install 'diffjax[prepare]'`), or copied into `data_dir` already prepared as array_record.
 
 In a multi-process run, prepare once (e.g. on process 0, or beforehand) before every process reads.
 """
@@ -31,7 +31,8 @@ def get_builder(name: str, data_dir: str | os.PathLike, *, folder: str | os.Path
     """The tfds builder of `name` rooted at `data_dir` (nothing is prepared or read yet).
 
     Args:
-      name: 'digits', 'image_folder', or a tfds catalog name, optionally with config and version
+      name: 'digits', 'photos' (or 'photos/32'), 'image_folder', or a tfds catalog name,
+        optionally with config and version
         ('celeb_a', 'cifar10:3.0.2').
       data_dir: root directory of prepared datasets.
       folder: the directory of images, for 'image_folder' only.
