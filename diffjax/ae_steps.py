@@ -75,8 +75,7 @@ def make_train_step(
         return discriminator.apply({"params": d_params}, x)
 
     def step(state: TrainState, batch: dict, key: Array, frozen: Any):
-        z_key, drop_key = jax.random.split(jax.random.fold_in(key, state.step))
-        del drop_key  # the autoencoder has no dropout; kept so keys match a future one
+        z_key = jax.random.fold_in(key, state.step)
         x = batch["image"]
         factor = (state.step >= disc_start_steps).astype(jnp.float32)
         d_params = state.params.get(DISC)

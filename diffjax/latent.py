@@ -4,6 +4,7 @@ latent scale, and the cache of the encoded training set."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -43,19 +44,16 @@ class Codec:
     params: Any
     origin: str
     scale: float | None = None
-    _fingerprint: str | None = None
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the architecture and every parameter's bytes: the cache's and the
         checkpoint's key (a retrained or swapped autoencoder has another)."""
-        if self._fingerprint is None:
-            h = hashlib.sha256(repr(self.module).encode())
-            for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
-                h.update(jax.tree_util.keystr(path).encode())
-                h.update(np.ascontiguousarray(_host(leaf), np.float32).tobytes())
-            self._fingerprint = h.hexdigest()
-        return self._fingerprint
+        h = hashlib.sha256(repr(self.module).encode())
+        for path, leaf in jax.tree_util.tree_leaves_with_path(self.params):
+            h.update(jax.tree_util.keystr(path).encode())
+            h.update(np.ascontiguousarray(_host(leaf), np.float32).tobytes())
+        return h.hexdigest()
 
 
 def _host(leaf) -> np.ndarray:

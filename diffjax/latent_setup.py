@@ -110,10 +110,11 @@ def autoencoder_model(config) -> ae_lib.AutoencoderKL:
     )
 
 
-def scale_for_training(config, codec: Codec, data_state: dict | None, images_of, num, encode):
+def scale_for_training(config, codec: Codec, data_state: dict | None, posterior, num: int):
     """The latent scale of this run: from its checkpoint when resuming (the autoencoder must be
     the one it started with), else `latent.scale`, the autoencoder's own, or 1/std of the
-    posterior samples of the first `latent.scale_examples` training examples.
+    posterior samples of the first `latent.scale_examples` of the `num` training examples
+    (`posterior(n)` gives their mean and std).
     Returns the `{"scale", "autoencoder"}` metadata every checkpoint then carries."""
     saved = (data_state or {}).get("latent")
     if saved:
@@ -127,16 +128,17 @@ def scale_for_training(config, codec: Codec, data_state: dict | None, images_of,
     scale = config.latent.scale or codec.scale
     if not scale:
         n = min(num, config.latent.scale_examples)
-        mean, std = encode(images_of, n)
+        mean, std = posterior(n)
         draws = mean + std * np.random.default_rng(config.seed).standard_normal(mean.shape)
         scale = latent.estimate_scale(draws)
         log.info("latent scale 1/std = %.5f from %d training examples", scale, n)
     return {"scale": float(scale), "autoencoder": codec.fingerprint}
 
 
-def cached_source(config, codec: Codec, source, data_dir: str, encode, images_of, captions):
-    """The training split as encoded examples (`latent.CachedSource`), from the cache in
-    `<data_dir>/latent_cache/` when it was made by this autoencoder, else encoded now."""
+def latent_cache(config, codec: Codec, source, data_dir: str, encode) -> dict:
+    """The training split's posterior mean and std [N, V, h, w, z] and labels [N]: from the
+    cache in `<data_dir>/latent_cache/` when this autoencoder made it, else encoded now (every
+    image read once) and written there."""
     d = config.data
     path = latent.cache_path(
         data_dir, d.name, config.data.train_split, d.image_size, d.channels, d.random_flip,
@@ -145,13 +147,18 @@ def cached_source(config, codec: Codec, source, data_dir: str, encode, images_of
     cache = latent.read_cache(path, codec.fingerprint, len(source))
     if cache is None:
         log.info("encoding the %d training examples once into %s", len(source), path)
+        from diffjax import build
+
+        labels = []  # filled by the reading pass, so no image is decoded twice
+        images_of = build.images_of(source, d.image_size, d.channels, labels)
         mean, std = encode(images_of, len(source))
         views = [mean], [std]
         if d.random_flip:
-            fm, fs = encode(lambda lo, hi: images_of(lo, hi)[:, :, ::-1], len(source))
+            flipped = build.images_of(source, d.image_size, d.channels)
+            fm, fs = encode(lambda lo, hi: flipped(lo, hi)[:, :, ::-1], len(source))
             views[0].append(fm)
             views[1].append(fs)
-        labels = np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
+        labels = np.asarray(labels, np.int32)
         cache = {
             "mean": np.stack(views[0], axis=1),
             "std": np.stack(views[1], axis=1),
@@ -161,8 +168,7 @@ def cached_source(config, codec: Codec, source, data_dir: str, encode, images_of
             latent.write_cache(path, codec.fingerprint, cache["mean"], cache["std"], labels)
     else:
         log.info("training from the latent cache %s", path)
-    texts = source.texts() if captions is not None and source.has_text else None
-    return latent.CachedSource(cache, texts)
+    return cache
 
 
 def prepare_training(setup, source, data_state: dict | None, data_dir: str, captions):
@@ -180,13 +186,19 @@ def prepare_training(setup, source, data_state: dict | None, data_dir: str, capt
             module_encode, setup.codec.params, images_of, num, batch, setup.mesh
         )
 
-    read = build.images_of(source, d.image_size, d.channels)
-    setup.set_latent_scale(
-        scale_for_training(config, setup.codec, data_state, read, len(source), encode)
-    )
-    if not config.latent.cache:
+    cache = None
+    if config.latent.cache:  # the scale then comes from the cached posteriors: no second pass
+        cache = latent_cache(config, setup.codec, source, data_dir, encode)
+        posterior = lambda n: (cache["mean"][:n, 0], cache["std"][:n, 0])
+    else:
+        read = build.images_of(source, d.image_size, d.channels)
+        posterior = lambda n: encode(read, n)
+    meta = scale_for_training(config, setup.codec, data_state, posterior, len(source))
+    setup.set_latent_scale(meta)
+    if cache is None:
         return source
-    return cached_source(config, setup.codec, source, data_dir, encode, read, captions)
+    texts = source.texts() if captions is not None and source.has_text else None
+    return latent.CachedSource(cache, texts)
 
 
 def make_to_x0(module: ae_lib.AutoencoderKL):

@@ -11,7 +11,7 @@ import numpy as np
 import tqdm
 from PIL import Image, UnidentifiedImageError
 
-from diffjax import ae_steps, build, data, image_io, sharding
+from diffjax import ae_losses, ae_steps, build, data, image_io, sharding
 from diffjax.build import Setup
 from diffjax.infer import restore_for_inference
 from diffjax.metrics import MetricWriter
@@ -61,8 +61,6 @@ def evaluate_autoencoder(config, workdir: str, step: int | None = None) -> dict:
 
 def bicubic_baseline(images: np.ndarray, factor: int) -> dict:
     """PSNR and SSIM [B] of images shrunk by `factor` (area average) and enlarged bicubically."""
-    from diffjax import ae_losses
-
     out = []
     for img in image_io.to_uint8(images):
         h, w, c = img.shape

@@ -3,7 +3,6 @@ Stable Diffusion's VAE, with diffusers' module names so its checkpoints map one 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import flax
@@ -278,24 +277,3 @@ def from_diffusers_config(config: dict, dtype: Dtype = jnp.float32) -> Autoencod
         mid_attention=config.get("mid_block_add_attention", True),
         dtype=dtype,
     )
-
-
-def to_diffusers_config(module: AutoencoderKL, scaling_factor: float | None = None) -> dict:
-    """The diffusers config.json fields of `module` (what `from_diffusers_config` reads)."""
-    levels = len(module.block_out_channels)
-    config = {
-        "_class_name": "AutoencoderKL",
-        "in_channels": module.in_channels,
-        "out_channels": module.out_channels,
-        "block_out_channels": list(module.block_out_channels),
-        "down_block_types": ["DownEncoderBlock2D"] * levels,
-        "up_block_types": ["UpDecoderBlock2D"] * levels,
-        "layers_per_block": module.layers_per_block,
-        "latent_channels": module.latent_channels,
-        "norm_num_groups": module.num_groups,
-        "act_fn": "silu",
-        "mid_block_add_attention": module.mid_attention,
-    }
-    if scaling_factor is not None and math.isfinite(scaling_factor):
-        config["scaling_factor"] = float(scaling_factor)
-    return config
