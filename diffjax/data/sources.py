@@ -2,8 +2,8 @@
 
 Every dataset is read the same way: a tfds builder prepared as array_record in `data_dir`, opened
 with `builder.as_data_source(split)` (random access, decoded with PIL, no TensorFlow). `digits`,
-`photos` and `image_folder` prepare themselves locally; tfds catalog datasets (cifar10,
-celeb_a, mnist, ...) are downloaded and prepared by tfds, which needs TensorFlow
+`printed_digits`, `photos` and `image_folder` prepare themselves locally; tfds catalog datasets
+(cifar10, celeb_a, mnist, ...) are downloaded and prepared by tfds, which needs TensorFlow
 (`pip install 'diffjax[prepare]'`), or copied into `data_dir` already prepared as array_record.
 
 In a multi-process run, prepare once (e.g. on process 0, or beforehand) before every process reads.
@@ -19,11 +19,12 @@ from diffjax.data.digits import Digits
 from diffjax.data.errors import DatasetError
 from diffjax.data.image_folder import ImageFolder
 from diffjax.data.photos import Photos
+from diffjax.data.printed_digits import PrintedDigits
 
 _ARRAY_RECORD = tfds.core.FileFormat.ARRAY_RECORD
 _KNOWN = (
-    "'digits', 'photos', 'image_folder' (with folder=PATH), or any tfds catalog name "
-    "(e.g. 'cifar10')"
+    "'digits', 'printed_digits', 'photos', 'image_folder' (with folder=PATH), or any tfds "
+    "catalog name (e.g. 'cifar10')"
 )
 
 
@@ -31,9 +32,8 @@ def get_builder(name: str, data_dir: str | os.PathLike, *, folder: str | os.Path
     """The tfds builder of `name` rooted at `data_dir` (nothing is prepared or read yet).
 
     Args:
-      name: 'digits', 'photos' (or 'photos/32'), 'image_folder', or a tfds catalog name,
-        optionally with config and version
-        ('celeb_a', 'cifar10:3.0.2').
+      name: 'digits', 'printed_digits', 'photos' (or 'photos/32'), 'image_folder', or a tfds
+        catalog name, optionally with config and version ('celeb_a', 'cifar10:3.0.2').
       data_dir: root directory of prepared datasets.
       folder: the directory of images, for 'image_folder' only.
 
@@ -49,6 +49,8 @@ def get_builder(name: str, data_dir: str | os.PathLike, *, folder: str | os.Path
         raise DatasetError(f"folder= is only for the 'image_folder' dataset, not {name!r}.")
     if name == "digits":
         return Digits(data_dir=data_dir)
+    if name == "printed_digits":
+        return PrintedDigits(data_dir=data_dir)
     if name == "photos":
         return Photos(data_dir=data_dir)
     try:
@@ -128,7 +130,7 @@ def _prepare(builder, name: str, data_dir: str, download: bool):
     Returns:
       The builder to read from (a fresh one where an image folder was prepared again).
     """
-    local = isinstance(builder, Digits | ImageFolder | Photos)
+    local = isinstance(builder, Digits | ImageFolder | Photos | PrintedDigits)
     stale = isinstance(builder, ImageFolder) and builder.is_stale()
     if builder.is_prepared() and not stale:
         if _ARRAY_RECORD not in builder.info.available_file_formats():
@@ -266,13 +268,14 @@ def load_source(
     """Opens one split of a dataset for random access, preparing it first when needed.
 
     Args:
-      name: 'digits', 'image_folder', or any tfds catalog name ('cifar10', 'celeb_a', 'mnist',
-        optionally 'name/config:version').
+      name: 'digits', 'printed_digits', 'photos', 'image_folder', or any tfds catalog name
+        ('cifar10', 'celeb_a', 'mnist', optionally 'name/config:version').
       split: a tfds split: 'train', 'test', slices and sums like 'train[:90%]' or 'train+test'.
       data_dir: root of prepared datasets; data goes to <data_dir>/<name>/<config>/<version>/.
       folder: the directory of images, for 'image_folder' only.
-      download: prepare the dataset if it is missing (local for digits/image_folder; a download
-        that needs TensorFlow for catalog datasets). If False, a missing dataset is an error.
+      download: prepare the dataset if it is missing (local for the embedded datasets and
+        image_folder; a download that needs TensorFlow for catalog datasets). If False, a
+        missing dataset is an error.
 
     Returns:
       A RecordSource; its first and last records per file were read as a check.
