@@ -8,7 +8,18 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from diffjax import checkpoint, cli, config_check, data, infer, latent, reconstruct, train
+from diffjax import (
+    checkpoint,
+    cli,
+    config_check,
+    data,
+    edit,
+    editor,
+    infer,
+    latent,
+    reconstruct,
+    train,
+)
 from diffjax.data import tokenizer
 from diffjax.models import pretrained
 
@@ -23,6 +34,7 @@ BAD_INPUT_ERRORS = (
     infer.SampleError,
     latent.LatentError,
     reconstruct.ImageFileError,
+    editor.EditError,
 )
 RUNTIME_ERRORS = (train.NonFiniteLossError,)
 
@@ -32,24 +44,35 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and sample
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "eval", "sample", "reconstruct"],
+    ["train", "eval", "sample", "reconstruct", "edit"],
     "train: train (resuming from the workdir); eval: test-split loss of a "
     "checkpoint (an autoencoder's PSNR/SSIM/KL); sample: a grid and .npz of samples from a "
-    "checkpoint; reconstruct: --input image files through the config's autoencoder.",
+    "checkpoint; reconstruct: --input image files through the config's autoencoder; edit: "
+    "--input image files edited by the model (--edit).",
 )
+flags.DEFINE_enum("edit", None, list(edit.EDITS), "--mode=edit: what to do with --input.")
+flags.DEFINE_string("mask", None, "--edit=inpaint: mask image, white = regenerate, black = keep.")
+flags.DEFINE_float(
+    "strength", None, "--edit=img2img: 0 keeps the input, 1 ignores it (default 0.6)."
+)
+flags.DEFINE_string("extend", None, "--edit=outpaint: pixels per side, e.g. left:16,right:16.")
+flags.DEFINE_enum("method", "repaint", list(edit.METHODS), "--edit=inpaint/outpaint: how.")
+flags.DEFINE_integer("jump_length", 1, "RePaint: levels per jump back (with --resamplings).")
+flags.DEFINE_integer("resamplings", 1, "RePaint: passes over each stretch of levels (1: none).")
+flags.DEFINE_string("target_workdir", None, "--edit=transfer: the target domain's model run.")
 flags.DEFINE_list(
     "input",
     None,
-    "--mode=reconstruct: image files (PNG/JPEG/WebP) to encode and decode, or an .npz of "
+    "--mode=reconstruct/edit: image files (PNG/JPEG/WebP); reconstruct also takes an .npz of "
     "latents ('mean' [h, w, z]) to decode.",
 )
 flags.DEFINE_string(
     "output",
     None,
-    "--mode=reconstruct: the PNG to write (a directory for several inputs); a path ending in "
-    ".npz gets the posterior's mean and std instead.",
+    "--mode=reconstruct/edit: the PNG to write (a directory for several inputs); for "
+    "reconstruct, a path ending in .npz gets the posterior's mean and std instead.",
 )
-flags.DEFINE_bool("overwrite", False, "--mode=reconstruct: replace an existing --output.")
+flags.DEFINE_bool("overwrite", False, "--mode=reconstruct/edit: replace an existing --output.")
 flags.DEFINE_integer("step", None, "Checkpoint step for eval/sample; default the newest.")
 flags.DEFINE_integer("num_samples", None, "Samples to draw in --mode=sample.")
 flags.DEFINE_string(
@@ -128,6 +151,8 @@ def main(argv):
                     config, FLAGS.workdir, FLAGS.input, FLAGS.output, FLAGS.step, FLAGS.overwrite
                 )
             )
+        elif FLAGS.mode == "edit":
+            print(_edit(config))
         else:
             if config.task == "autoencoder":
                 raise cli.BadInput(
@@ -161,6 +186,25 @@ def main(argv):
         )
 
 
+def _edit(config) -> list[str]:
+    if config.task == "autoencoder":
+        raise cli.BadInput("--mode=edit needs a diffusion model's config and workdir")
+    if not FLAGS.edit or not FLAGS.input or not FLAGS.output:
+        raise cli.BadInput(
+            f"--mode=edit needs --edit ({'|'.join(edit.EDITS)}), --input and --output"
+        )
+    if FLAGS.label == "all":
+        raise cli.BadInput("--label=all is for --mode=sample; an edit takes one class index")
+    label = None if FLAGS.label is None else int(FLAGS.label)
+    return edit.edit_files(
+        config, FLAGS.workdir, FLAGS.edit, FLAGS.input, FLAGS.output, mask=FLAGS.mask,
+        strength=FLAGS.strength, extend=FLAGS.extend, method=FLAGS.method,
+        jump_length=FLAGS.jump_length, resamplings=FLAGS.resamplings,
+        target_workdir=FLAGS.target_workdir, label=label, prompt=FLAGS.prompt, step=FLAGS.step,
+        overwrite=FLAGS.overwrite,
+    )  # fmt: skip
+
+
 def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) if str(e) else ""
     if isinstance(e, cli.BadInput):
@@ -178,6 +222,10 @@ def _check_flags() -> None:
     guided = bool(sp.classifier_workdir or sp.classifier_config)
     _check_label(FLAGS.label, FLAGS.config.model.num_classes, guided)
     _check_prompts(FLAGS.config.text.encoder)
+    edit_only = ("edit", "mask", "strength", "extend", "target_workdir")
+    used = [f"--{n}" for n in edit_only if getattr(FLAGS, n) is not None]
+    if FLAGS.mode != "edit" and used:
+        raise cli.BadInput(f"{', '.join(used)}: for --mode=edit only")
     if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
         raise cli.BadInput(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 1 (or leave it out)")
     if FLAGS.mode == "train":

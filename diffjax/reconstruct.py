@@ -4,23 +4,19 @@ reconstructed from the command line."""
 from __future__ import annotations
 
 import logging
-import os
 
 import jax
 import numpy as np
 import tqdm
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffjax import ae_losses, ae_steps, build, data, image_io, sharding
 from diffjax.build import Setup
+from diffjax.image_io import ImageFileError, read_image
 from diffjax.infer import restore_for_inference
 from diffjax.metrics import MetricWriter
 
 log = logging.getLogger(__name__)
-
-
-class ImageFileError(ValueError):
-    """An input or output file that cannot be used."""
 
 
 def evaluate_autoencoder(config, workdir: str, step: int | None = None) -> dict:
@@ -75,20 +71,6 @@ def bicubic_baseline(images: np.ndarray, factor: int) -> dict:
     }
 
 
-def read_image(path: str, channels: int) -> np.ndarray:
-    """An image file → float32 [H, W, channels] in [-1, 1]: grey is repeated to RGB, RGB is
-    averaged to grey (ITU-R 601-2 luma, PIL's "L"), alpha is dropped."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if channels == 1 else "RGB")
-            x = np.asarray(im, np.float32)
-    except FileNotFoundError:
-        raise ImageFileError(f"--input {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as err:
-        raise ImageFileError(f"--input {path}: not a readable image ({err})") from None
-    return (x.reshape(*x.shape[:2], channels) / 127.5) - 1.0
-
-
 def codec_of(setup: Setup, workdir: str, step: int | None):
     """(module, params) of the autoencoder a config names: an autoencoder run's EMA params, or
     a latent config's frozen autoencoder."""
@@ -111,7 +93,9 @@ def reconstruct_files(config, workdir: str, inputs: list[str], output: str, step
     setup = Setup(config)
     channels = config.data.channels
     to_npz = output.endswith(".npz")
-    outs = _output_paths(inputs, output, to_npz, overwrite)
+    if to_npz and len(inputs) > 1:
+        raise ImageFileError("--output: an .npz takes the latents of one --input")
+    outs = image_io.output_paths(inputs, output, "_reconstructed", overwrite)
     module, params = codec_of(setup, workdir, step)
     params = jax.device_get(params)
     for src, dst in zip(inputs, outs, strict=True):
@@ -154,23 +138,3 @@ def _read_latents(path: str, channels: int) -> np.ndarray:
             f"[h, w, {channels}]"
         )
     return z[None]
-
-
-def _output_paths(inputs, output, to_npz, overwrite) -> list[str]:
-    if not inputs:
-        raise ImageFileError("--input: name at least one image file")
-    if len(inputs) == 1 and not os.path.isdir(output):
-        outs = [output]
-    else:
-        if to_npz:
-            raise ImageFileError("--output: an .npz takes the latents of one --input")
-        os.makedirs(output, exist_ok=True)
-        stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
-        outs = [os.path.join(output, f"{s}_reconstructed.png") for s in stems]
-    for p in outs:
-        if os.path.exists(p) and not overwrite:
-            raise ImageFileError(f"--output {p} exists; remove it or pass --overwrite")
-    parent = os.path.dirname(os.path.abspath(outs[0]))
-    if not os.path.isdir(parent):
-        raise ImageFileError(f"--output {outs[0]}: the directory {parent} does not exist")
-    return outs

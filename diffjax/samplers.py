@@ -1,7 +1,9 @@
 """Reverse-process samplers: pure step functions and one compiled-once loop per sampler.
 
 Every sampler walks a padded table of timesteps, so the number of steps, their spacing and η are
-traced values: one compiled program serves them all (up to the table's size).
+traced values: one compiled program serves them all (up to the table's size). A table may also
+go back up (RePaint's jumps): such a move re-noises x without a network call. An optional
+per-move `hook(x, t, key) -> x` (an edit's known region) runs inside the compiled loop.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from diffjax.cond import Cond
 
 Array = jnp.ndarray
 DenoiseFn = Callable[[Array, Array, Cond], Array]
+# After every move to level t (-1: the clean image): `x ← hook(x, t, key)`.
+Hook = Callable[[Array, Array, Array], Array]
 
 FIXED_VARIANCES = ("beta", "posterior")  # for models without learned variances
 SPACINGS = ("uniform", "trailing", "leading")
@@ -211,14 +215,57 @@ def _levels(s: schedules.Schedule, table: Array, i: Array):
     return t, t_next, _alpha_bar(s, t), _alpha_bar(s, t_next)
 
 
-def _loop(body: Callable, n: Array, init, progress: Callable[[Array], None] | None):
-    def wrapped(i, carry):
-        carry = body(i, carry)
-        if progress is not None:
-            jax.debug.callback(progress, i)
-        return carry
+def renoise(s: schedules.Schedule, x: Array, t: Array, t_up: Array, noise: Array) -> Array:
+    """x_t → x_{t_up}, a noisier level, drawn from q(x_{t_up} | x_t) = N(√(ᾱ_up/ᾱ_t) x_t,
+    (1 - ᾱ_up/ᾱ_t) I): the forward chain's steps t+1 … t_up composed (DDPM eq. 2); RePaint's
+    jump back (Lugmayr et al. 2022, §4.2) in one move."""
+    ratio = _alpha_bar(s, t_up) / _alpha_bar(s, t)
+    return jnp.sqrt(ratio) * x + jnp.sqrt(1.0 - ratio) * noise
 
-    return jax.lax.fori_loop(0, n, wrapped, init)
+
+@dataclasses.dataclass(frozen=True)
+class _Carry:
+    """How a sampler's loop carry holds x: `get`, `put` (after a step), `jumped` (after a jump
+    back up: a multistep sampler forgets its history there)."""
+
+    get: Callable = lambda c: c
+    put: Callable = lambda c, x: x
+    jumped: Callable = lambda c, x: x
+
+
+def _loop(
+    body: Callable,
+    n: Array,
+    init,
+    progress: Callable[[Array], None] | None,
+    s: schedules.Schedule,
+    table: Array,
+    key: Array,
+    hook: Hook | None = None,
+    carry: _Carry = _Carry(),
+):
+    """Runs `body(i, carry)` for the table's moves i < n; a move up the table (a noisier next
+    level) re-noises x instead (no network call); then the hook, then the progress callback.
+
+    Move i draws from `fold_in(key, i)`: the sampler's own noise from it, the jump's and the
+    hook's from its fold_in with 1 and 2, so edits leave the sampler's noise unchanged.
+    """
+    table = jnp.asarray(table)
+
+    def jump(i, c):
+        noise_key = jax.random.fold_in(jax.random.fold_in(key, i), 1)
+        x = carry.get(c)
+        noise = jax.random.normal(noise_key, x.shape, x.dtype)
+        return carry.jumped(c, renoise(s, x, table[i], table[i + 1], noise))
+
+    def move(i, c):
+        c = jax.lax.cond(table[i + 1] > table[i], jump, body, i, c)
+        if hook is not None:
+            hook_key = jax.random.fold_in(jax.random.fold_in(key, i), 2)
+            c = carry.put(c, hook(carry.get(c), table[i + 1], hook_key))
+        return c
+
+    return jax.lax.fori_loop(0, n, _with_progress(move, progress), init)
 
 
 def _finish(x: Array, pred: Prediction) -> Array:
@@ -238,6 +285,7 @@ def ddpm_sample(
     variance: str = "beta",
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
+    hook: Hook | None = None,
 ) -> Array:
     """The ancestral sampler (DDPM), on the full chain or a respaced sub-sequence.
 
@@ -256,6 +304,10 @@ def ddpm_sample(
       pred: how to read the network output (`Prediction`).
       progress: optional host callback, called with the step index after each step (through
         `jax.debug.callback`, so it may run once per device).
+      hook: optional `(x, t, key) -> x`, applied after every move to level t (t = -1: the
+        clean image), inside the compiled loop: an edit's replacement of the known region.
+        The table may go back up (`editing.repaint_table`): such a move re-noises x
+        (`renoise`) with no network call.
 
     Returns:
       x_0 samples [B, H, W, C] (images in [-1, 1] when clipping or thresholding).
@@ -269,7 +321,7 @@ def ddpm_sample(
         c = schedules.transition(s, t, t_next)
         return ancestral_step(x, x0, c, noise, variance=variance, v=v)
 
-    return _finish(_loop(body, num_steps, x_T, progress), pred)
+    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook), pred)
 
 
 def ddim_sample(
@@ -285,6 +337,7 @@ def ddim_sample(
     variance: str = "beta",
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
+    hook: Hook | None = None,
 ) -> Array:
     """DDIM with η ∈ [0, 1] (η = 0: the deterministic, invertible sampler). See `ddpm_sample`."""
 
@@ -294,7 +347,7 @@ def ddim_sample(
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         return ddim_step(x0, eps, schedules.transition(s, t, t_next), eta, noise)
 
-    return _finish(_loop(body, num_steps, x_T, progress), pred)
+    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook), pred)
 
 
 def dpm_solver_pp_sample(
@@ -310,6 +363,7 @@ def dpm_solver_pp_sample(
     variance: str = "beta",
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
+    hook: Hook | None = None,
 ) -> Array:
     """DPM-Solver++(2M): second-order multistep on data predictions; first order on the first
     step (no history yet) and on the last (the jump to σ = 0, where r = 0). Deterministic; one
@@ -327,7 +381,12 @@ def dpm_solver_pp_sample(
         return dpm_solver_pp_step(x, d, ab_t, ab_s), x0, ab_t
 
     init = (x_T, jnp.zeros_like(x_T), jnp.zeros((), x_T.dtype))
-    x, _, _ = _loop(body, num_steps, init, progress)
+    carry = _Carry(
+        get=lambda c: c[0],
+        put=lambda c, x: (x, c[1], c[2]),
+        jumped=lambda c, x: (x, c[1], jnp.zeros_like(c[2])),  # ᾱ_prev = 0: first order next
+    )
+    x, _, _ = _loop(body, num_steps, init, progress, s, table, key, hook, carry)
     return _finish(x, pred)
 
 
@@ -344,6 +403,7 @@ def heun_sample(
     variance: str = "beta",
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
+    hook: Hook | None = None,
 ) -> Array:
     """Heun's 2nd-order method on the probability-flow ODE dy/dσ = ε̂ (Karras et al. 2022,
     Algorithm 1 without churn), y = x/√ᾱ, σ = √((1-ᾱ)/ᾱ). The last step (to σ = 0) is an Euler
@@ -364,7 +424,7 @@ def heun_sample(
         y_next = jax.lax.cond(t_next >= 0, correct, lambda _: y_euler, None)
         return a_s * y_next
 
-    return _finish(_loop(body, num_steps, x_T, progress), pred)
+    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook), pred)
 
 
 SAMPLERS: dict[str, Callable[..., Array]] = {
@@ -413,4 +473,14 @@ def ddim_invert(
         )
         return jnp.sqrt(ab_b) * x0_hat + jnp.sqrt(1.0 - ab_b) * eps
 
-    return _loop(body, num_steps, x0, progress)
+    return jax.lax.fori_loop(0, num_steps, _with_progress(body, progress), x0)
+
+
+def _with_progress(body: Callable, progress: Callable[[Array], None] | None) -> Callable:
+    def wrapped(i, carry):
+        carry = body(i, carry)
+        if progress is not None:
+            jax.debug.callback(progress, i)
+        return carry
+
+    return wrapped

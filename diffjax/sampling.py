@@ -66,10 +66,11 @@ def make_sample_fn(
     progress: Callable[[Array], None] | None = None,
     params_sharding: Any = None,
     classifier: Any = None,
+    hook: Callable[[schedules.Schedule, Any], samplers.Hook] | None = None,
 ):
     """`sample(params, x_T, cond, key, table, num_steps, eta=0, guidance_scale=1, *,
-    null_cond=None, guidance_rescale=0, classifier_params=None, classifier_scale=0) -> samples
-    [B, H, W, C]`, compiled.
+    null_cond=None, guidance_rescale=0, classifier_params=None, classifier_scale=0,
+    hook_args=None) -> samples [B, H, W, C]`, compiled.
 
     The caller gives the start `x_T` (noise, or an image noised to the table's first level) and
     the condition (`conditioner.labels(...)`, NONE for an unconditional model); nothing random
@@ -82,9 +83,13 @@ def make_sample_fn(
     by default `conditioner.null(cond)`; a negative prompt's condition can stand in for it.
     With `classifier` (a noise-conditional classifier module, `classifier_classes` > 0) the
     chain is also classifier-guided towards `cond.label` at strength `classifier_scale`.
+    An edit passes `hook`, a factory `(schedule, hook_args) -> samplers.Hook`, and each call its
+    `hook_args` (a pytree of [B, ...] arrays, e.g. the known image and its mask): they are traced,
+    so new images and masks reuse the program.
     """
 
-    def run(params, x_T, c, null_c, key, table, num_steps, eta, scale, rescale, cls, cls_scale):
+    def run(params, x_T, c, null_c, key, table, num_steps, eta, scale, rescale, cls, cls_scale,
+            hook_args):  # fmt: skip
         guide = None if classifier is None else (classifier, cls, cls_scale)
         denoise = _guided(model, params, conditioner, schedule, pred, null_c, scale, rescale, guide)
         return samplers.SAMPLERS[sampler](
@@ -99,13 +104,14 @@ def make_sample_fn(
             variance=variance,
             pred=pred,
             progress=progress,
+            hook=None if hook is None else hook(schedule, hook_args),
         )
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     params_sh = params_sharding_or_replicated(params_sharding, mesh)
     compiled = jax.jit(
         run,
-        in_shardings=(params_sh, batch_sh, batch_sh, batch_sh) + (rep,) * 8,
+        in_shardings=(params_sh, batch_sh, batch_sh, batch_sh) + (rep,) * 8 + (batch_sh,),
         out_shardings=batch_sh,
         compiler_options=compiler_options(),
     )
@@ -124,6 +130,7 @@ def make_sample_fn(
         guidance_rescale=0.0,
         classifier_params=None,
         classifier_scale=0.0,
+        hook_args=None,
     ):
         null_cond = conditioner.null(cond) if null_cond is None else null_cond
         scalars = (np.float32(eta), np.float32(guidance_scale), np.float32(guidance_rescale))
@@ -138,6 +145,7 @@ def make_sample_fn(
             *scalars,
             classifier_params,
             np.float32(classifier_scale),
+            hook_args,
         )
 
     return sample

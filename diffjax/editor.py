@@ -1,0 +1,231 @@
+"""Image editing with a trained model, pixel or latent: img2img, inpaint, outpaint, transfer.
+
+`Editor.load(config, workdir)` gives a model ready to edit; each edit is one method on batches
+of [-1, 1] images [B, H, W, C] (masks [B, H, W, 1], 1 = regenerate). `edit.edit_files` (the
+CLI's `--mode=edit`) reads image files and writes PNGs. The math is `editing`'s; the sampling is the
+config's sampler through `sampling.make_sample_fn`, with the known region as its hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+
+from diffjax import build, editing, infer, latent, samplers, sampling, sharding
+from diffjax.build import Setup
+from diffjax.cond import Cond
+
+log = logging.getLogger(__name__)
+
+
+class EditError(ValueError):
+    """An edit that cannot be made as asked (bad strength, mask, size or model pairing)."""
+
+
+class Editor:
+    """A model's EMA parameters and its compiled edit programs.
+
+    Attributes:
+      setup: the model's `build.Setup` (its config's sampler, steps, spacing, η and guidance
+        are the edits' too); params: its EMA parameters.
+      image_size: (H, W) of the images it edits; channels: C.
+    """
+
+    def __init__(self, setup: Setup, params):
+        self.setup, self.params = setup, params
+        self.image_size = tuple(setup.pixel_shape[:2])
+        self.channels = setup.pixel_shape[2]
+        self._fns, self._noise, self._encode, self._invert = {}, {}, None, None
+
+    @classmethod
+    def load(cls, config, workdir: str, step: int | None = None) -> Editor:
+        """The EMA model of a run's checkpoint (`step`, default the newest)."""
+        setup = Setup(config)
+        if setup.conditioner.text:
+            setup.load_text(workdir)
+        state, _ = infer.restore_for_inference(setup, workdir, step)
+        return cls(setup, state.ema_params)
+
+    # --- the edits ------------------------------------------------------------------------------
+
+    def img2img(self, images, strength: float, key, *, label=None, prompt=None) -> np.ndarray:
+        """SDEdit (Meng et al. 2022): noise `images` to `strength` ∈ [0, 1] of the sampler's
+        chain and denoise them under the condition (a class `label`, a `prompt`). 0 returns the
+        images; 1 samples from pure noise (the images are ignored)."""
+        images = self._check_images(images)
+        table, steps = self._table()
+        if editing.sdedit_steps(steps, strength) == 0:
+            return images
+        cut, n = editing.sdedit_table(table, steps, strength)
+        noise_key, loop_key = jax.random.split(key)
+        x0 = self._to_model(images)
+        x = editing.sdedit_start(
+            self.setup.schedule, x0, self._noise_like(x0, noise_key), cut[0], n == steps
+        )
+        out = self._sample(x, loop_key, cut, n, label=label, prompt=prompt)
+        return self._from_model(out, len(images))
+
+    def inpaint(self, images, mask, key, *, jump_length=1, resamplings=1, label=None,
+                prompt=None) -> np.ndarray:  # fmt: skip
+        """RePaint (Lugmayr et al. 2022) with the config's sampler: regenerate where `mask`
+        [B, H, W, 1] is 1, keep the rest (exactly, in the output). With `resamplings` r > 1,
+        every `jump_length` levels the chain jumps back up and redoes them, r passes in all
+        (harmonises the two regions; r · steps network calls)."""
+        images, keep = self._check_images(images), self._check_mask(mask, images)
+        table, steps = self._table()
+        walk, n = editing.repaint_table(table, steps, jump_length, resamplings)
+        args = {"known": self._to_model(images), "keep": self._put(self._model_mask(keep))}
+        x_T = self._noise_like(args["known"], jax.random.fold_in(key, 1))
+        out = self._sample(x_T, key, walk, n, label=label, prompt=prompt, hook_args=args)
+        return np.where(keep > 0.5, images, self._from_model(out, len(images)))
+
+    def outpaint(self, image, extend: dict[str, int], key, **kwargs) -> np.ndarray:
+        """Extends one image [H, W, C] by `extend` pixels per side ({"left": 16, …}) and fills
+        the new region by inpainting (`inpaint`'s keyword arguments), in windows of the model's
+        size that overlap what is already there, the best-known first, so that a canvas larger
+        than the model comes out seamless. Returns the canvas [H', W', C]."""
+        canvas, keep = editing.extend_canvas(np.asarray(image, np.float32), extend)
+        h, w = self.image_size
+        if canvas.shape[0] < h or canvas.shape[1] < w:
+            raise EditError(
+                f"the extended canvas is {canvas.shape[0]}x{canvas.shape[1]}, smaller than the "
+                f"model's {h}x{w}; extend more or use --edit=inpaint at the model's size"
+            )
+        i = 0
+        while (pos := editing.next_window(keep, (h, w))) is not None:
+            top, left = pos
+            crop = np.s_[top : top + h, left : left + w]
+            out = self.inpaint(
+                canvas[crop][None], 1.0 - keep[crop][None], jax.random.fold_in(key, i), **kwargs
+            )
+            canvas[crop], keep[crop], i = out[0], 1.0, i + 1
+        log.info("outpaint: %d windows of %dx%d", i, h, w)
+        return canvas
+
+    def transfer(self, images, target: Editor, *, label=None, prompt=None) -> np.ndarray:
+        """DDIB (Su et al. 2023): DDIM-invert `images` under this (source) model to its x_T,
+        then DDIM-sample (η = 0) the target model from that x_T; both with this model's steps,
+        and without clipping x̂₀ (the probability-flow ODE both ways; the result is clipped).
+        The two models must share the diffusion space's shape (and T)."""
+        images = self._check_images(images)
+        if target.setup.image_shape != self.setup.image_shape:
+            raise EditError(
+                f"--target_workdir: the target model works on {target.setup.image_shape}, the "
+                f"source on {self.setup.image_shape}; transfer needs the same shape"
+            )
+        table, steps = self._table()
+        x0 = self._to_model(images)
+        cond, _ = self._cond(len(x0), label, prompt)
+        if self._invert is None:
+            self._invert = sampling.make_invert_fn(
+                self.setup.model, self.setup.schedule, self.setup.mesh,
+                pred=_unclipped(self.setup), conditioner=self.setup.conditioner,
+                params_sharding=self.setup.params_sharding,
+            )  # fmt: skip
+        s = self.setup.config.sampler
+        x_T = self._invert(self.params, x0, cond, table, steps, s.guidance_scale)
+        out = target._sample(
+            x_T, jax.random.key(0), table, steps, label=label, prompt=prompt, sampler="ddim",
+            pred=_unclipped(target.setup),
+        )  # fmt: skip
+        return np.clip(target._from_model(out, len(images)), -1.0, 1.0)
+
+    # --- the parts they share -------------------------------------------------------------------
+
+    def _table(self) -> tuple[np.ndarray, int]:
+        s = self.setup.config.sampler
+        return samplers.timestep_table(self.setup.schedule.num_steps, s.steps, s.spacing), s.steps
+
+    def _check_images(self, images) -> np.ndarray:
+        images = np.asarray(images, np.float32)
+        want = (*self.image_size, self.channels)
+        if images.ndim != 4 or images.shape[1:] != want:
+            raise EditError(f"images of shape {images.shape}, but the model edits [B, {want}]")
+        return images
+
+    def _check_mask(self, mask, images) -> np.ndarray:
+        mask = np.asarray(mask, np.float32)
+        if mask.shape != images.shape[:3] + (1,):
+            raise EditError(f"a mask of shape {mask.shape} for images {images.shape}: [B, H, W, 1]")
+        if not np.any(mask > 0.5):
+            raise EditError("the mask is empty (all black): there is nothing to regenerate")
+        if np.all(mask > 0.5):
+            log.warning("the mask is all white: this is plain sampling, the image is not used")
+        return 1.0 - (mask > 0.5).astype(np.float32)
+
+    def _model_mask(self, keep: np.ndarray) -> np.ndarray:
+        codec = self.setup.codec
+        return keep if codec is None else editing.latent_keep(keep, codec.module.factor)
+
+    def _padded(self, x: np.ndarray) -> np.ndarray:
+        """The batch padded (repeating its last example) to a multiple of the mesh's devices."""
+        b, d = len(x), self.setup.mesh.size
+        return x if b % d == 0 else np.concatenate([x, np.repeat(x[-1:], d - b % d, 0)])
+
+    def _put(self, x) -> jax.Array:
+        return sharding.from_global(
+            self._padded(np.asarray(x)), sharding.batch_sharded(self.setup.mesh)
+        )
+
+    def _to_model(self, images: np.ndarray) -> jax.Array:
+        """Images → the diffusion space (a latent model's: scale · the posterior mean)."""
+        x = self._put(images)
+        if self.setup.codec is None:
+            return x
+        if self._encode is None:
+            self._encode = latent.make_encode_fn(self.setup.codec.module, self.setup.mesh)
+        mean, _ = self._encode(self.setup.codec.params, x)
+        return self.setup.frozen["latent_scale"] * mean
+
+    def _from_model(self, x, num: int) -> np.ndarray:
+        return np.asarray(sharding.to_host(self.setup.decode(x)))[:num]
+
+    def _noise_like(self, x, key) -> jax.Array:
+        if x.shape not in self._noise:
+            self._noise[x.shape] = sampling.make_noise_fn(self.setup.mesh, x.shape)
+        return self._noise[x.shape](key)
+
+    def _cond(self, batch: int, label, prompt) -> tuple[Cond, Cond | None]:
+        """(condition, null side) for a padded batch: the class `label` (None: the null class,
+        i.e. unconditional), the `prompt` (None: the empty one)."""
+        setup, b = self.setup, batch + (-batch) % self.setup.mesh.size
+        c = setup.conditioner
+        labels = None
+        if c.num_classes:
+            labels = np.full(b, c.num_classes if label is None else int(label), np.int32)
+        elif label is not None:
+            raise EditError("a label was given, but the model is not class-conditional")
+        if not c.text:
+            if prompt is not None:
+                raise EditError("a prompt was given, but the model has no text conditioning")
+            return setup.labels_cond(labels if labels is not None else np.zeros(b)), None
+        cond = setup.prompt_cond(setup.text_side, [prompt or ""] * b, labels)
+        return cond, infer.null_cond(setup, b, None)
+
+    def _sample(self, x_T, key, table, n, *, label=None, prompt=None, hook_args=None,
+                sampler=None, pred=None) -> jax.Array:  # fmt: skip
+        s = self.setup.config.sampler
+        name = sampler or s.name
+        pred = pred or build.prediction(self.setup.config)
+        fn_key = (name, hook_args is not None, pred)
+        if fn_key not in self._fns:
+            self._fns[fn_key] = sampling.make_sample_fn(
+                self.setup.model, self.setup.schedule, self.setup.mesh, sampler=name,
+                pred=pred, variance=s.variance,
+                conditioner=self.setup.conditioner, params_sharding=self.setup.params_sharding,
+                hook=editing.replace_known if hook_args is not None else None,
+            )  # fmt: skip
+        cond, null = self._cond(len(x_T), label, prompt)
+        eta = 0.0 if sampler == "ddim" else s.eta
+        return self._fns[fn_key](
+            self.params, x_T, cond, key, table, n, eta, s.guidance_scale, null_cond=null,
+            guidance_rescale=s.guidance_rescale, hook_args=hook_args,
+        )  # fmt: skip
+
+
+def _unclipped(setup: Setup) -> samplers.Prediction:
+    """The model's prediction read without clipping or thresholding x̂₀ (DDIM's exact ODE)."""
+    return dataclasses.replace(build.prediction(setup.config), clip_x0=False, dynamic_threshold=0.0)
