@@ -1,0 +1,244 @@
+"""Edits: RePaint's walk and its conditional on a Gaussian toy, SDEdit's ends, exact known
+regions, outpainting windows, DDIB's round trip, no recompiles, and the CLI with bad input."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import cli, one_line_error, run_all
+from PIL import Image
+
+from configs import digits
+from diffjax import build, editing, samplers, schedules
+from diffjax.cond import NONE
+from diffjax.editor import Editor
+
+RNG = np.random.default_rng(0)
+
+
+def test_repaint_walk_goes_down_jumps_back_and_counts_its_network_calls():
+    table = samplers.timestep_table(1000, 20)
+    walk, n = editing.repaint_table(table, 20, jump_length=5, resamplings=3)
+    assert walk[0] == table[0] and walk[n] == -1 and len(walk) == n + 1
+    moves = np.diff(walk)
+    ups = np.flatnonzero(moves > 0)
+    # Jump points at levels 5, 10, 15 (the clean end excluded), 2 jumps each, 5 levels up.
+    assert len(ups) == 6
+    assert all(walk[i + 1] == table[list(table).index(walk[i]) - 5] for i in ups)
+    assert editing.network_calls(walk, n) == 20 + 2 * 5 * 3
+    plain, m = editing.repaint_table(table, 20, 5, 1)
+    assert m == 20 and np.array_equal(plain, table[:21])
+    with pytest.raises(ValueError, match="jump_length"):
+        editing.repaint_table(table, 20, 0, 2)
+
+
+# A correlated Gaussian over 4 coordinates, with its exact denoiser E[x_0 | x_t].
+_MU = np.array([0.3, -0.2, 0.1, 0.4])
+_COV = 0.25 * np.array(
+    [[1, 0.9, 0.8, 0.7], [0.9, 1, 0.9, 0.8], [0.8, 0.9, 1, 0.9], [0.7, 0.8, 0.9, 1]]
+)
+
+
+def _gaussian_denoiser(s):
+    def denoise(x_t, t, cond=None):
+        ab = s.alpha_bar[t[0]]  # one level per call
+        a = jnp.sqrt(ab)
+        gain = a * _COV @ jnp.linalg.inv(ab * _COV + (1 - ab) * jnp.eye(4))
+        x = x_t.reshape(-1, 4)
+        x0 = _MU + (x - a * _MU) @ gain.T
+        return ((x - a * x0) / jnp.sqrt(1 - ab)).reshape(x_t.shape).astype(x_t.dtype)
+
+    return denoise
+
+
+def test_repaint_with_resampling_draws_the_exact_gaussian_conditional():
+    s = schedules.make_schedule("linear", 1000)
+    keep_idx, free = [0, 3], [1, 2]
+    known_v = np.array([0.8, 0.0, 0.0, -0.3], np.float32)
+    b = 4000
+    args = {
+        "known": jnp.broadcast_to(known_v.reshape(1, 1, 4, 1), (b, 1, 4, 1)),
+        "keep": jnp.broadcast_to(jnp.array([1.0, 0, 0, 1]).reshape(1, 1, 4, 1), (b, 1, 4, 1)),
+    }
+    k, u = np.ix_(keep_idx, keep_idx), np.ix_(free, keep_idx)
+    mean = _MU[free] + _COV[u] @ np.linalg.solve(_COV[k], known_v[keep_idx] - _MU[keep_idx])
+    cov = _COV[np.ix_(free, free)] - _COV[u] @ np.linalg.solve(_COV[k], _COV[u].T)
+    table = samplers.timestep_table(1000, 250)
+    errors = {}
+    for r in (1, 20):
+        walk, n = editing.repaint_table(table, 250, jump_length=1, resamplings=r)
+        run = jax.jit(
+            lambda walk, n: samplers.ddpm_sample(
+                _gaussian_denoiser(s), s, jax.random.normal(jax.random.key(0), (b, 1, 4, 1)),
+                NONE, jax.random.key(1), walk, n, pred=samplers.EPS_UNCLIPPED,
+                hook=editing.replace_known(s, args),
+            )
+        )  # fmt: skip
+        out = np.asarray(run(walk, n)).reshape(b, 4)
+        assert np.array_equal(out[:, keep_idx], np.broadcast_to(known_v[keep_idx], (b, 2)))
+        errors[r] = (
+            np.abs(out[:, free].mean(0) - mean).max(),
+            np.abs(np.cov(out[:, free].T) - cov).max(),
+        )
+    # Plain replacement (r = 1) is biased (RePaint §4.2: the regions do not harmonise); 20
+    # resamplings per level reach the conditional within Monte Carlo error (mean s.e. 0.003).
+    assert errors[1][0] > 0.04, errors
+    assert errors[20][0] < 0.015 and errors[20][1] < 0.006, errors
+
+
+@pytest.fixture(scope="module")
+def tiny_editor(tmp_path_factory):
+    """digits.py:tiny at its initialisation (speed and exactness do not depend on training)."""
+    config = digits.get_config("tiny")
+    config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
+    setup = build.Setup(config)
+    return Editor(setup, setup.create_state().ema_params)
+
+
+def test_img2img_strength_0_is_the_input_and_1_is_plain_sampling(tiny_editor):
+    ed = tiny_editor
+    x = RNG.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+    key = jax.random.key(4)
+    assert np.array_equal(ed.img2img(x, 0.0, key), x)
+    plain = ed.setup.sample_fn(8)(ed.params, key, ed.setup.labels_cond(np.zeros(8)))
+    np.testing.assert_allclose(ed.img2img(x, 1.0, key), np.asarray(plain), atol=1e-6)
+    half = ed.img2img(x, 0.5, key)
+    assert not np.allclose(half, x) and not np.allclose(half, np.asarray(plain))
+    with pytest.raises(ValueError, match="strength"):
+        ed.img2img(x, 1.5, key)
+
+
+def test_inpaint_keeps_the_known_region_exactly_and_new_masks_compile_nothing(
+    tiny_editor, compiles
+):
+    ed = tiny_editor
+    x = RNG.uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)  # 3: padded to the 8 devices
+    masks = np.zeros((3, 8, 8, 1), np.float32)
+    masks[0, 4:], masks[1, :, :3], masks[2, 2:6, 2:6] = 1, 1, 1
+    out = ed.inpaint(x, masks, jax.random.key(0))
+    assert out.shape == x.shape
+    assert np.array_equal(out[masks == 0], x[masks == 0])
+    assert not np.allclose(out[masks == 1], x[masks == 1])
+    ed.img2img(x, 0.3, jax.random.key(0))
+    with compiles.none_expected("other images, masks, keys and strengths"):
+        other = ed.inpaint(-x, masks[::-1], jax.random.key(1))
+        ed.img2img(-x, 0.7, jax.random.key(1))
+    assert np.array_equal(other[masks[::-1] == 0], -x[masks[::-1] == 0])
+    with pytest.raises(ValueError, match="empty"):
+        ed.inpaint(x, np.zeros_like(masks), jax.random.key(0))
+
+
+def test_outpaint_fills_a_canvas_wider_than_the_model_window_by_window(tiny_editor):
+    ed = tiny_editor
+    x = RNG.uniform(-1, 1, (8, 8, 1)).astype(np.float32)
+    out = ed.outpaint(x, {"left": 6, "right": 7, "top": 0, "bottom": 2}, jax.random.key(0))
+    assert out.shape == (10, 21, 1) and np.isfinite(out).all()
+    assert np.array_equal(out[0:8, 6:14], x)
+    assert np.abs(out).max() <= 1.0
+    starts = editing.window_starts(21, 8)
+    assert starts == [0, 4, 8, 12, 13]
+    keep = np.zeros((10, 21, 1))
+    keep[:8, 6:14] = 1
+    assert editing.next_window(keep, (8, 8)) in [(0, 4), (0, 8), (2, 4), (2, 8)]
+
+
+def test_transfer_to_the_same_model_is_the_ddim_round_trip(tmp_path):
+    errors = []
+    x = np.clip(RNG.normal(0, 0.5, (8, 8, 8, 1)), -1, 1).astype(np.float32)
+    for steps in (50, 200):
+        config = digits.get_config("tiny")
+        config.data.data_dir = str(tmp_path)
+        config.diffusion.num_steps = 1000
+        config.sampler.update(name="ddpm", steps=steps, max_steps=steps)
+        setup = build.Setup(config)
+        ed = Editor(setup, setup.create_state().ema_params)
+        errors.append(float(np.sqrt(np.mean((ed.transfer(x, ed) - x) ** 2))))
+    # First order in the step, as the inversion itself (tests/samplers_test.py).
+    assert errors[1] < 0.4 * errors[0] and errors[1] < 1e-4, errors
+
+
+def _png(path, array):
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def pixel_run(tmp_path_factory):
+    data_dir, work = tmp_path_factory.mktemp("tfds"), tmp_path_factory.mktemp("px")
+    cmd = cli("digits.py:tiny", work, data_dir, "--config.train.num_steps=3")
+    rc, _, err = run_all({"train": cmd})["train"]
+    assert rc == 0, err[-3000:]
+    return data_dir, work
+
+
+def test_every_edit_from_the_cli_and_bad_input_is_one_line(pixel_run, tmp_path):
+    data_dir, work = pixel_run
+    img = _png(tmp_path / "in.png", RNG.integers(0, 256, (8, 8)))
+    big = _png(tmp_path / "big.png", RNG.integers(0, 256, (16, 16, 3)))
+    wide = _png(tmp_path / "wide.png", RNG.integers(0, 256, (8, 12)))
+    half = np.zeros((8, 8), np.uint8)
+    half[4:] = 255
+    mask = _png(tmp_path / "mask.png", half)
+    grey = _png(tmp_path / "grey.png", np.full((8, 8), 128))
+    empty = _png(tmp_path / "empty.png", np.zeros((8, 8)))
+    mask16 = _png(tmp_path / "mask16.png", np.zeros((16, 16)))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    exists = tmp_path / "exists.png"
+    exists.write_bytes(b"keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def edit(*flags):
+        return cli("digits.py:tiny", work, data_dir, "--mode=edit", *flags)
+
+    cases = {
+        "img2img": edit("--edit=img2img", "--strength=0.5", f"--input={img},{big}",
+                        f"--output={out}"),
+        "inpaint": edit("--edit=inpaint", f"--input={img}", f"--mask={mask}",
+                        f"--output={out}/inpaint.png", "--jump_length=2", "--resamplings=2"),
+        "outpaint": edit("--edit=outpaint", f"--input={img}", "--extend=left:4,bottom:3",
+                         f"--output={out}/outpaint.png", "--cpu_devices=1"),
+        "transfer": edit("--edit=transfer", f"--input={img}", f"--target_workdir={work}",
+                         f"--output={out}/transfer.png"),
+        "strength": edit("--edit=img2img", "--strength=1.5", f"--input={img}",
+                         f"--output={tmp_path}/x.png"),
+        "no mask": edit("--edit=inpaint", f"--input={img}", f"--output={tmp_path}/x.png"),
+        "empty mask": edit("--edit=inpaint", f"--input={img}", f"--mask={empty}",
+                           f"--output={tmp_path}/x.png"),
+        "mask size": edit("--edit=inpaint", f"--input={img}", f"--mask={mask16}",
+                          f"--output={tmp_path}/x.png"),
+        "broken": edit("--edit=img2img", f"--input={tmp_path}/broken.png",
+                       f"--output={tmp_path}/x.png"),
+        "missing": edit("--edit=img2img", f"--input={tmp_path}/none.png",
+                        f"--output={tmp_path}/x.png"),
+        "exists": edit("--edit=img2img", f"--input={img}", f"--output={exists}"),
+        "aspect": edit("--edit=img2img", f"--input={wide}", f"--output={tmp_path}/x.png"),
+        "wrong mode": cli("digits.py:tiny", work, data_dir, "--mode=sample", f"--mask={mask}"),
+    }  # fmt: skip
+    results = run_all(cases)
+    for name in ("img2img", "inpaint", "outpaint", "transfer"):
+        assert results[name][0] == 0, (name, results[name][2][-3000:])
+    edited = {p: np.asarray(Image.open(out / p)) for p in os.listdir(out)}
+    assert set(edited) == {"in_img2img.png", "big_img2img.png", "inpaint.png", "outpaint.png",
+                           "transfer.png"}  # fmt: skip
+    source = np.asarray(Image.open(img))
+    assert edited["in_img2img.png"].shape == (8, 8)
+    assert "resizing 16x16" in results["img2img"][2]  # the RGB 16x16 input, resized and grey
+    assert np.array_equal(edited["inpaint.png"][:4], source[:4])
+    assert edited["outpaint.png"].shape == (11, 12)
+    assert np.array_equal(edited["outpaint.png"][:8, 4:], source)
+    one_line_error(results["strength"], "strength must be in [0, 1]")
+    one_line_error(results["no mask"], "needs --mask")
+    one_line_error(results["empty mask"], "mask is empty")
+    one_line_error(results["mask size"], "16x16", "must match")
+    one_line_error(results["broken"], "not a readable image")
+    one_line_error(results["missing"], "no such file")
+    one_line_error(results["exists"], "exists", "--overwrite")
+    one_line_error(results["aspect"], "aspect ratio")
+    one_line_error(results["wrong mode"], "--mask", "--mode=edit only")
+    assert exists.read_bytes() == b"keep me" and not (tmp_path / "x.png").exists()
+    rc, _, err = run_all({"grey": edit("--edit=inpaint", f"--input={img}", f"--mask={grey}",
+                                       f"--output={tmp_path}/g.png")})["grey"]  # fmt: skip
+    assert rc == 0 and "mask is all white" in err and "not black and white" in err, err[-2000:]
