@@ -118,7 +118,7 @@ class Editor:
             )
         table, steps = self._table()
         x0 = self._to_model(images)
-        cond, _ = self._cond(len(x0), label, prompt)
+        cond, null = self._cond(len(x0), label, prompt)
         if self._invert is None:
             self._invert = sampling.make_invert_fn(
                 self.setup.model, self.setup.schedule, self.setup.mesh,
@@ -126,7 +126,7 @@ class Editor:
                 params_sharding=self.setup.params_sharding,
             )  # fmt: skip
         s = self.setup.config.sampler
-        x_T = self._invert(self.params, x0, cond, table, steps, s.guidance_scale)
+        x_T = self._invert(self.params, x0, cond, table, steps, s.guidance_scale, null_cond=null)
         out = target._sample(
             x_T, jax.random.key(0), table, steps, label=label, prompt=prompt, sampler="ddim",
             pred=_unclipped(target.setup),
@@ -136,8 +136,8 @@ class Editor:
     # --- the parts they share -------------------------------------------------------------------
 
     def _table(self) -> tuple[np.ndarray, int]:
-        s = self.setup.config.sampler
-        return samplers.timestep_table(self.setup.schedule.num_steps, s.steps, s.spacing), s.steps
+        s, t = self.setup.config.sampler, self.setup.schedule.num_steps
+        return samplers.timestep_table(t, s.steps, s.spacing, s.max_steps), s.steps
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images, np.float32)

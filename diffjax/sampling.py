@@ -162,7 +162,8 @@ def make_invert_fn(
 ):
     """Compiled DDIM inversion `(params, images, cond, table, num_steps, guidance_scale=1) ->
     latents`, the batch split over devices (`samplers.ddim_invert`), guided like `make_sample_fn`
-    for conditional models (null side `conditioner.null(cond)`)."""
+    for conditional models (null side `null_cond`, by default `conditioner.null(cond)`; a text
+    model's is the empty prompt's, `infer.null_cond`)."""
 
     def run(params, images, c, null_c, table, num_steps, scale):
         denoise = _guided(model, params, conditioner, schedule, pred, null_c, scale, 0.0)
@@ -178,8 +179,8 @@ def make_invert_fn(
         compiler_options=compiler_options(),
     )
 
-    def invert(params, images, cond, table, num_steps, guidance_scale=1.0):
-        null_c = conditioner.null(cond)
+    def invert(params, images, cond, table, num_steps, guidance_scale=1.0, *, null_cond=None):
+        null_c = conditioner.null(cond) if null_cond is None else null_cond
         return compiled(
             params, images, cond, null_c, table, np.int32(num_steps), np.float32(guidance_scale)
         )

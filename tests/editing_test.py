@@ -11,9 +11,11 @@ from conftest import cli, one_line_error, run_all
 from PIL import Image
 
 from configs import digits
-from diffjax import build, editing, samplers, schedules
+from diffjax import build, editing, latent_setup, samplers, schedules
+from diffjax import edit as edit_lib
 from diffjax.cond import NONE
-from diffjax.editor import Editor
+from diffjax.editor import EditError, Editor
+from diffjax.image_io import ImageFileError
 
 RNG = np.random.default_rng(0)
 
@@ -57,7 +59,7 @@ def test_repaint_with_resampling_draws_the_exact_gaussian_conditional():
     s = schedules.make_schedule("linear", 1000)
     keep_idx, free = [0, 3], [1, 2]
     known_v = np.array([0.8, 0.0, 0.0, -0.3], np.float32)
-    b = 4000
+    b = 2000
     args = {
         "known": jnp.broadcast_to(known_v.reshape(1, 1, 4, 1), (b, 1, 4, 1)),
         "keep": jnp.broadcast_to(jnp.array([1.0, 0, 0, 1]).reshape(1, 1, 4, 1), (b, 1, 4, 1)),
@@ -65,10 +67,10 @@ def test_repaint_with_resampling_draws_the_exact_gaussian_conditional():
     k, u = np.ix_(keep_idx, keep_idx), np.ix_(free, keep_idx)
     mean = _MU[free] + _COV[u] @ np.linalg.solve(_COV[k], known_v[keep_idx] - _MU[keep_idx])
     cov = _COV[np.ix_(free, free)] - _COV[u] @ np.linalg.solve(_COV[k], _COV[u].T)
-    table = samplers.timestep_table(1000, 250)
+    table = samplers.timestep_table(1000, 200)
     errors = {}
-    for r in (1, 20):
-        walk, n = editing.repaint_table(table, 250, jump_length=1, resamplings=r)
+    for r in (1, 8):
+        walk, n = editing.repaint_table(table, 200, jump_length=1, resamplings=r)
         run = jax.jit(
             lambda walk, n: samplers.ddpm_sample(
                 _gaussian_denoiser(s), s, jax.random.normal(jax.random.key(0), (b, 1, 4, 1)),
@@ -82,10 +84,11 @@ def test_repaint_with_resampling_draws_the_exact_gaussian_conditional():
             np.abs(out[:, free].mean(0) - mean).max(),
             np.abs(np.cov(out[:, free].T) - cov).max(),
         )
-    # Plain replacement (r = 1) is biased (RePaint §4.2: the regions do not harmonise); 20
-    # resamplings per level reach the conditional within Monte Carlo error (mean s.e. 0.003).
-    assert errors[1][0] > 0.04, errors
-    assert errors[20][0] < 0.015 and errors[20][1] < 0.006, errors
+    # Plain replacement (r = 1) is biased (RePaint §4.2: the regions do not harmonise; 0.086
+    # here); 8 resamplings per level reach the conditional within Monte Carlo error (the
+    # mean's standard error is 0.004 at this N).
+    assert errors[1][0] > 0.05, errors
+    assert errors[8][0] < 0.025 and errors[8][1] < 0.008, errors
 
 
 @pytest.fixture(scope="module")
@@ -144,16 +147,17 @@ def test_outpaint_fills_a_canvas_wider_than_the_model_window_by_window(tiny_edit
     assert editing.next_window(keep, (8, 8)) in [(0, 4), (0, 8), (2, 4), (2, 8)]
 
 
-def test_transfer_to_the_same_model_is_the_ddim_round_trip(tmp_path):
-    errors = []
+def test_transfer_to_the_same_model_is_the_ddim_round_trip(tmp_path, compiles):
     x = np.clip(RNG.normal(0, 0.5, (8, 8, 8, 1)), -1, 1).astype(np.float32)
-    for steps in (50, 200):
-        config = digits.get_config("tiny")
-        config.data.data_dir = str(tmp_path)
-        config.diffusion.num_steps = 1000
-        config.sampler.update(name="ddpm", steps=steps, max_steps=steps)
-        setup = build.Setup(config)
-        ed = Editor(setup, setup.create_state().ema_params)
+    config = digits.get_config("tiny")
+    config.data.data_dir = str(tmp_path)
+    config.diffusion.num_steps = 1000
+    config.sampler.update(steps=50, max_steps=200)
+    setup = build.Setup(config)
+    ed = Editor(setup, setup.create_state().ema_params)
+    errors = [float(np.sqrt(np.mean((ed.transfer(x, ed) - x) ** 2)))]
+    with compiles.none_expected("another step count"):
+        config.sampler.steps = 200
         errors.append(float(np.sqrt(np.mean((ed.transfer(x, ed) - x) ** 2))))
     # First order in the step, as the inversion itself (tests/samplers_test.py).
     assert errors[1] < 0.4 * errors[0] and errors[1] < 1e-4, errors
@@ -204,18 +208,9 @@ def test_every_edit_from_the_cli_and_bad_input_is_one_line(pixel_run, tmp_path):
                          f"--output={out}/transfer.png"),
         "strength": edit("--edit=img2img", "--strength=1.5", f"--input={img}",
                          f"--output={tmp_path}/x.png"),
-        "no mask": edit("--edit=inpaint", f"--input={img}", f"--output={tmp_path}/x.png"),
-        "empty mask": edit("--edit=inpaint", f"--input={img}", f"--mask={empty}",
-                           f"--output={tmp_path}/x.png"),
-        "mask size": edit("--edit=inpaint", f"--input={img}", f"--mask={mask16}",
-                          f"--output={tmp_path}/x.png"),
-        "broken": edit("--edit=img2img", f"--input={tmp_path}/broken.png",
-                       f"--output={tmp_path}/x.png"),
-        "missing": edit("--edit=img2img", f"--input={tmp_path}/none.png",
-                        f"--output={tmp_path}/x.png"),
-        "exists": edit("--edit=img2img", f"--input={img}", f"--output={exists}"),
-        "aspect": edit("--edit=img2img", f"--input={wide}", f"--output={tmp_path}/x.png"),
         "wrong mode": cli("digits.py:tiny", work, data_dir, "--mode=sample", f"--mask={mask}"),
+        "grey mask": edit("--edit=inpaint", f"--input={img}", f"--mask={grey}",
+                          f"--output={tmp_path}/g.png"),
     }  # fmt: skip
     results = run_all(cases)
     for name in ("img2img", "inpaint", "outpaint", "transfer"):
@@ -230,15 +225,22 @@ def test_every_edit_from_the_cli_and_bad_input_is_one_line(pixel_run, tmp_path):
     assert edited["outpaint.png"].shape == (11, 12)
     assert np.array_equal(edited["outpaint.png"][:8, 4:], source)
     one_line_error(results["strength"], "strength must be in [0, 1]")
-    one_line_error(results["no mask"], "needs --mask")
-    one_line_error(results["empty mask"], "mask is empty")
-    one_line_error(results["mask size"], "16x16", "must match")
-    one_line_error(results["broken"], "not a readable image")
-    one_line_error(results["missing"], "no such file")
-    one_line_error(results["exists"], "exists", "--overwrite")
-    one_line_error(results["aspect"], "aspect ratio")
     one_line_error(results["wrong mode"], "--mask", "--mode=edit only")
+    config = latent_setup.read_run_config(str(work))
+    bad = {  # the same checks in-process (the CLI prints each as one line, exit 2)
+        "needs --mask": dict(edit="inpaint", inputs=[img]),
+        "mask is empty": dict(edit="inpaint", inputs=[img], mask=empty),
+        "must match": dict(edit="inpaint", inputs=[img], mask=mask16),
+        "not a readable image": dict(edit="img2img", inputs=[f"{tmp_path}/broken.png"]),
+        "no such file": dict(edit="img2img", inputs=[f"{tmp_path}/none.png"]),
+        "--overwrite": dict(edit="img2img", inputs=[img], output=str(exists)),
+        "aspect ratio": dict(edit="img2img", inputs=[wide]),
+        "is not used by": dict(edit="img2img", inputs=[img], mask=mask),
+    }
+    for words, kw in bad.items():
+        kw.setdefault("output", f"{tmp_path}/x.png")
+        with pytest.raises((EditError, ImageFileError), match=words):
+            edit_lib.edit_files(config, str(work), **kw)
     assert exists.read_bytes() == b"keep me" and not (tmp_path / "x.png").exists()
-    rc, _, err = run_all({"grey": edit("--edit=inpaint", f"--input={img}", f"--mask={grey}",
-                                       f"--output={tmp_path}/g.png")})["grey"]  # fmt: skip
+    rc, _, err = results["grey mask"]
     assert rc == 0 and "mask is all white" in err and "not black and white" in err, err[-2000:]

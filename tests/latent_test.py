@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 from conftest import cli, one_line_error, run_all
+from PIL import Image
 
 from diffjax import latent
 
@@ -182,6 +183,7 @@ def test_text_latent_model_samples_a_prompt_and_refuses_another_autoencoder(
     )["s"]
     assert rc == 0, err[-3000:]
     assert np.load(work / "samples" / "sample_0000006.npz")["images"].shape == (4, 16, 16, 1)
+    _every_edit_of_a_latent_model(work, data_dir, ae_work, tmp_path)
     # Another autoencoder (a second run, other weights) under the same latent workdir: refused.
     other = tmp_path / "other_vae"
     rc, _, err = run_all({"o": _ae(other, data_dir, "--config.seed=1")})["o"]
@@ -191,3 +193,40 @@ def test_text_latent_model_samples_a_prompt_and_refuses_another_autoencoder(
     )["r"]
     one_line_error(result, "another autoencoder")
     assert sorted(os.listdir(work / "checkpoints")) == ["3", "6"]
+
+
+def _every_edit_of_a_latent_model(work, data_dir, ae_work, tmp_path):
+    """Each edit from the CLI on the text latent model, under a prompt: masks go to the latent
+    grid, results are decoded, and the kept pixels are the input's exactly."""
+    rng = np.random.default_rng(0)
+    img, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    source = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+    Image.fromarray(source).save(img)
+    m = np.zeros((16, 16), np.uint8)
+    m[:, 5:11] = 255  # not on the f = 2 grid's cell boundaries everywhere: cells round outwards
+    Image.fromarray(m).save(mask)
+    out = tmp_path / "edits"
+    out.mkdir()
+
+    def edit(name, *flags):
+        return _lat(work, data_dir, ae_work, "--mode=edit", f"--edit={name}", f"--input={img}",
+                    f"--output={out}/{name}.png", "--prompt=a handwritten 3", *flags,
+                    variant="text_tiny")  # fmt: skip
+
+    results = run_all(
+        {
+            "img2img": edit("img2img", "--strength=0.6"),
+            "inpaint": edit("inpaint", f"--mask={mask}", "--resamplings=2", "--jump_length=2"),
+            "outpaint": edit("outpaint", "--extend=right:8"),
+            "transfer": edit("transfer", f"--target_workdir={work}"),
+        }
+    )
+    for name, (rc, _, err) in results.items():
+        assert rc == 0, (name, err[-3000:])
+    edited = {n: np.asarray(Image.open(out / f"{n}.png")) for n in results}
+    assert edited["img2img"].shape == edited["transfer"].shape == (16, 16)
+    assert np.array_equal(edited["inpaint"][m == 0], source[m == 0])
+    assert not np.array_equal(edited["inpaint"][m > 0], source[m > 0])
+    assert edited["outpaint"].shape == (16, 24) and np.array_equal(
+        edited["outpaint"][:, :16], source
+    )
