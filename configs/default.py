@@ -103,6 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
         scale_examples=512,  # Training examples encoded to estimate the scale.
         cache=True,  # Encode the training set once into data_dir (else every batch, every step).
     )
+    config.spatial = dict(  # a condition made from the image, concatenated to x_t (pixel models)
+        kind="",  # "" | upscale (SR3: bicubic of the low-res image) | inpaint (masked image, mask)
+        factor=4,  # upscale: the low-res input is the image shrunk by this factor.
+    )
     config.optim = dict(
         lr=2e-4,  # Peak AdamW learning rate.
         warmup_steps=5000,  # Linear warm-up from 0 to lr.

@@ -78,11 +78,15 @@ def model(config, latent_channels: int = 0) -> UNet | TextUNet | AutoencoderKL:
 
 def conditioner(config) -> Conditioner:
     text = bool(config.text.encoder)
+    size, c = config.data.image_size, config.data.channels
     return Conditioner(
         num_classes=config.model.num_classes,
         drop_prob=config.model.cond_drop_prob,
         context_length=config.text.max_length if text else 0,
         context_width=MINILM_WIDTH if config.text.encoder == "minilm" else 0,
+        spatial=config.spatial.kind,
+        spatial_factor=config.spatial.factor,
+        concat_shape=(size, size, c + (config.spatial.kind == "inpaint")),
     )
 
 

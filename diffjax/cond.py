@@ -9,6 +9,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from diffjax import spatial
+
 Array = jnp.ndarray
 
 
@@ -90,12 +92,19 @@ class Conditioner:
         that the steps get as `frozen` (`prompts.TextSide.table`); L tokens per prompt.
       context_width: D of a frozen encoder's context [B, L, D]; 0: the context is token ids
         [B, L] for a network with its own, jointly trained, encoder.
+      spatial: "" or a `spatial.KINDS` condition made from the batch's images and concatenated
+        to x_t: "upscale" (the bicubic of the image shrunk by `spatial_factor`), "inpaint" (the
+        image with a random mask's region blanked, and the mask).
+      concat_shape: (H, W, C') of that condition.
     """
 
     num_classes: int = 0
     drop_prob: float = 0.0
     context_length: int = 0
     context_width: int = 0
+    spatial: str = ""
+    spatial_factor: int = 0
+    concat_shape: tuple = ()
 
     @property
     def conditional(self) -> bool:
@@ -109,28 +118,40 @@ class Conditioner:
     def example(self, batch: int = 1) -> Cond:
         """A condition of the right structure and shapes, e.g. for initialising the network."""
         label = jnp.zeros((batch,), jnp.int32) if self.num_classes else None
+        concat = jnp.zeros((batch, *self.concat_shape), jnp.float32) if self.spatial else None
         if not self.text:
-            return Cond(label=label)
+            return Cond(label=label, concat=concat)
         shape = (batch, self.context_length)
         context = (
             jnp.zeros((*shape, self.context_width), jnp.float32)
             if self.context_width
             else jnp.zeros(shape, jnp.int32)
         )
-        return Cond(label=label, context=context, context_mask=jnp.ones(shape, bool))
+        return Cond(label=label, context=context, context_mask=jnp.ones(shape, bool), concat=concat)
 
     def labels(self, labels: Array) -> Cond:
         """The condition for given class labels [B] int32 (sampling)."""
         return Cond(label=jnp.asarray(labels, jnp.int32)) if self.num_classes else NONE
 
-    def from_batch(self, batch: dict, frozen: Any = None) -> Cond:
+    def from_batch(self, batch: dict, frozen: Any = None, key: Array | None = None) -> Cond:
         """The condition of a batch of examples; `frozen` holds the caption table of a text
-        model (`prompts.TextSide.table`)."""
+        model (`prompts.TextSide.table`); `key` draws an inpainting model's masks (default a
+        fixed one: evaluation sees the same masks every time)."""
         label = jnp.asarray(batch["label"], jnp.int32) if self.num_classes else None
+        concat = self.spatial_of(batch["image"], key) if self.spatial else None
         if not self.text:
-            return Cond(label=label)
+            return Cond(label=label, concat=concat)
         ids = batch["caption"]
-        return Cond(label=label, context=frozen["context"][ids], context_mask=frozen["mask"][ids])
+        return Cond(label=label, context=frozen["context"][ids], context_mask=frozen["mask"][ids],
+                    concat=concat)  # fmt: skip
+
+    def spatial_of(self, images: Array, key: Array | None = None) -> Array:
+        """The spatial condition [B, H, W, C'] of training images [B, H, W, C]."""
+        if self.spatial == "upscale":
+            return spatial.upscale_condition(images, self.spatial_factor)
+        key = jax.random.key(0) if key is None else key
+        mask = spatial.random_masks(key, images.shape[0], images.shape[1:3])
+        return spatial.inpaint_condition(images, mask)
 
     def _null_text(self, frozen: Any) -> Cond | None:
         if not self.text:

@@ -8,7 +8,7 @@ import os
 import jax
 import ml_collections
 
-from diffjax import losses, samplers, schedules, sharding
+from diffjax import losses, samplers, schedules, sharding, spatial
 from diffjax.models.layers import ShapeError
 from diffjax.train_state import LR_SCHEDULES
 
@@ -36,6 +36,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if m.dtype not in ("float32", "bfloat16", "float16"):
         fail("model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
     _check_conditioning(config, fail)
+    _check_spatial(config, fail)
     if config.diffusion.schedule not in schedules.SCHEDULES:
         fail(
             "diffusion.schedule",
@@ -128,6 +129,24 @@ def _check_autoencoder(config, fail) -> None:
         config.latent.autoencoder_workdir or config.latent.diffusers_vae
     ):
         fail("latent", "an autoencoder is trained on pixels; leave config.latent empty")
+
+
+def _check_spatial(config, fail) -> None:
+    sp, size = config.spatial, config.data.image_size
+    if sp.kind not in ("",) + spatial.KINDS:
+        fail("spatial.kind", f"unknown {sp.kind!r}; choose '' or one of {spatial.KINDS}")
+    if not sp.kind:
+        return
+    if config.task != "diffusion":
+        fail("spatial.kind", f"is for diffusion models, not task={config.task!r}")
+    if config.latent.autoencoder_workdir or config.latent.diffusers_vae:
+        fail(
+            "spatial.kind",
+            "spatial conditions are made for pixel models; leave config.latent empty (latent "
+            "super-resolution and inpainting are not built yet)",
+        )
+    if sp.kind == "upscale" and (sp.factor < 2 or size % sp.factor):
+        fail("spatial.factor", f"must be >= 2 and divide data.image_size={size}, got {sp.factor}")
 
 
 def _check_latent(config, fail) -> None:

@@ -1,4 +1,4 @@
-"""Image files in, image files out: `--mode=edit` with img2img, inpaint, outpaint, transfer."""
+"""Image files in, image files out: `--mode=edit`, every edit of `editor.Editor`."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from diffjax.image_io import ImageFileError
 
 log = logging.getLogger(__name__)
 
-EDITS = ("img2img", "inpaint", "outpaint", "transfer")
-METHODS = ("repaint",)
+EDITS = ("img2img", "inpaint", "outpaint", "transfer", "upscale")
+METHODS = ("repaint", "trained")
 
 
 def check_request(edit: str, *, mask=None, strength=None, extend=None, method="repaint",
@@ -42,6 +42,8 @@ def check_request(edit: str, *, mask=None, strength=None, extend=None, method="r
         raise EditError(str(err)) from None
     if method not in METHODS:
         raise EditError(f"--method={method!r}: choose one of {METHODS}")
+    if method != "repaint" and edit not in ("inpaint", "outpaint"):
+        raise EditError(f"--method is for --edit=inpaint/outpaint, not --edit={edit}")
     if jump_length < 1 or resamplings < 1:
         raise EditError(f"--jump_length and --resamplings must be >= 1 (got {jump_length}, "
                         f"{resamplings})")  # fmt: skip
@@ -54,8 +56,9 @@ def edit_files(config, workdir: str, edit: str, inputs: list[str], output: str, 
     """Edits each input image file with the workdir's model and writes a PNG per input
     (`output` is the file for one input, a directory for several). Returns the paths written.
 
-    Inputs are read as the model's channels (`image_io.read_image`) and must have its size, or
-    its aspect ratio (then resized, with a warning); outpainting takes any size. The mask
+    Inputs are read as the model's channels (`image_io.read_image`) and must have its size (a
+    super-resolution model's low-res size for upscale), or its aspect ratio (then resized, with
+    a warning); outpainting takes any size. The mask
     (inpaint) must have the input's size: white = regenerate, black = keep.
     """
     check_request(edit, mask=mask, strength=strength, extend=extend, method=method,
@@ -81,39 +84,31 @@ def edit_files(config, workdir: str, edit: str, inputs: list[str], output: str, 
     editor = Editor.load(config, workdir, step)
     key = jax.random.key(config.seed)
     results = _run(editor, edit, inputs, images, masks, key, strength=strength, extend=extend,
-                   jump_length=jump_length, resamplings=resamplings, target=target, label=label,
-                   prompt=prompt)  # fmt: skip
+                   method=method, jump_length=jump_length, resamplings=resamplings, target=target,
+                   label=label, prompt=prompt)  # fmt: skip
     for out, path in zip(results, outs, strict=True):
         image_io.write_image(out, path)
     log.info("wrote %s", ", ".join(outs))
     return outs
 
 
-def _run(editor: Editor, edit, inputs, images, masks, key, *, strength, extend, jump_length,
-         resamplings, target, label, prompt) -> list[np.ndarray]:  # fmt: skip
+def _run(editor: Editor, edit, inputs, images, masks, key, *, strength, extend, method,
+         jump_length, resamplings, target, label, prompt) -> list[np.ndarray]:  # fmt: skip
     cond = {"label": label, "prompt": prompt}
+    how = {"method": method, "jump_length": jump_length, "resamplings": resamplings, **cond}
     if edit == "outpaint":
         sides = editing.parse_extend(extend)
-        return [
-            editor.outpaint(
-                im,
-                sides,
-                jax.random.fold_in(key, i),
-                jump_length=jump_length,
-                resamplings=resamplings,
-                **cond,
-            )  # fmt: skip
-            for i, im in enumerate(images)
-        ]
-    size = editor.image_size
-    batch = np.stack(
-        [image_io.fit(im, size, f"--input {p}") for p, im in zip(inputs, images, strict=True)]
-    )
+        keys = [jax.random.fold_in(key, i) for i in range(len(images))]
+        return [editor.outpaint(im, sides, k, **how) for im, k in zip(images, keys, strict=True)]
+    size = editor.low_res_size if edit == "upscale" else editor.image_size
+    fitted = [image_io.fit(im, size, f"--input {p}") for p, im in zip(inputs, images, strict=True)]
+    batch = np.stack(fitted)
+    if edit == "upscale":
+        return list(editor.upscale(batch, key, **cond))
     if edit == "img2img":
         return list(editor.img2img(batch, 0.6 if strength is None else strength, key, **cond))
     if edit == "transfer":
         return list(editor.transfer(batch, target, **cond))
     m = image_io.fit(masks, size, "--mask", nearest=True)
     m = np.broadcast_to(m, (len(batch), *m.shape))
-    return list(editor.inpaint(batch, m, key, jump_length=jump_length, resamplings=resamplings,
-                               **cond))  # fmt: skip
+    return list(editor.inpaint(batch, m, key, **how))

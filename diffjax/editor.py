@@ -14,7 +14,7 @@ import logging
 import jax
 import numpy as np
 
-from diffjax import build, editing, infer, latent, samplers, sampling, sharding
+from diffjax import build, editing, infer, latent, samplers, sampling, sharding, spatial
 from diffjax.build import Setup
 from diffjax.cond import Cond
 
@@ -56,6 +56,7 @@ class Editor:
         chain and denoise them under the condition (a class `label`, a `prompt`). 0 returns the
         images; 1 samples from pure noise (the images are ignored)."""
         images = self._check_images(images)
+        self._need_spatial("", "--edit=img2img")
         table, steps = self._table()
         if editing.sdedit_steps(steps, strength) == 0:
             return images
@@ -68,19 +69,51 @@ class Editor:
         out = self._sample(x, loop_key, cut, n, label=label, prompt=prompt)
         return self._from_model(out, len(images))
 
-    def inpaint(self, images, mask, key, *, jump_length=1, resamplings=1, label=None,
-                prompt=None) -> np.ndarray:  # fmt: skip
-        """RePaint (Lugmayr et al. 2022) with the config's sampler: regenerate where `mask`
-        [B, H, W, 1] is 1, keep the rest (exactly, in the output). With `resamplings` r > 1,
+    def inpaint(self, images, mask, key, *, method="repaint", jump_length=1, resamplings=1,
+                label=None, prompt=None) -> np.ndarray:  # fmt: skip
+        """Regenerates where `mask` [B, H, W, 1] is 1 and keeps the rest (exactly, in the output).
+
+        method "repaint" (Lugmayr et al. 2022), any model, the config's sampler: the kept region
+        is replaced by a draw of q(x_t | image) after every step; with `resamplings` r > 1,
         every `jump_length` levels the chain jumps back up and redoes them, r passes in all
-        (harmonises the two regions; r · steps network calls)."""
+        (the regions harmonise). "trained": a model trained with `spatial.kind="inpaint"` sees
+        the masked image and the mask concatenated to x_t and samples plainly.
+        """
         images, keep = self._check_images(images), self._check_mask(mask, images)
         table, steps = self._table()
-        walk, n = editing.repaint_table(table, steps, jump_length, resamplings)
-        args = {"known": self._to_model(images), "keep": self._put(self._model_mask(keep))}
-        x_T = self._noise_like(args["known"], jax.random.fold_in(key, 1))
-        out = self._sample(x_T, key, walk, n, label=label, prompt=prompt, hook_args=args)
+        x_T = self._noise_like(self._model_zeros(len(images)), jax.random.fold_in(key, 1))
+        if method == "trained":
+            self._need_spatial("inpaint", "--method=trained")
+            concat = spatial.inpaint_condition(images, 1.0 - keep)
+            out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)
+        elif method == "repaint":
+            walk, n = editing.repaint_table(table, steps, jump_length, resamplings)
+            args = {"known": self._to_model(images), "keep": self._put(self._model_mask(keep))}
+            out = self._sample(x_T, key, walk, n, label=label, prompt=prompt, hook_args=args)
+        else:
+            raise EditError(f"method={method!r}: choose 'repaint' or 'trained'")
         return np.where(keep > 0.5, images, self._from_model(out, len(images)))
+
+    @property
+    def low_res_size(self) -> tuple[int, int]:
+        """(h, w) of the low-res images a super-resolution model upscales."""
+        self._need_spatial("upscale", "--edit=upscale")
+        f = self.setup.conditioner.spatial_factor
+        return self.image_size[0] // f, self.image_size[1] // f
+
+    def upscale(self, low, key, *, label=None, prompt=None) -> np.ndarray:
+        """Super-resolution (SR3, Saharia et al. 2021) with a model trained with
+        `spatial.kind="upscale"`: low-res images [B, H/f, W/f, C] → [B, H, W, C], sampled under
+        their bicubic upsampling."""
+        (h, w), low = self.image_size, np.asarray(low, np.float32)
+        want = (*self.low_res_size, self.channels)
+        if low.ndim != 4 or low.shape[1:] != want:
+            raise EditError(f"low-res images of shape {low.shape}; this model upscales [B, {want}]")
+        table, steps = self._table()
+        x_T = self._noise_like(self._model_zeros(len(low)), jax.random.fold_in(key, 1))
+        concat = spatial.upsample(low, (h, w))
+        out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)
+        return self._from_model(out, len(low))
 
     def outpaint(self, image, extend: dict[str, int], key, **kwargs) -> np.ndarray:
         """Extends one image [H, W, C] by `extend` pixels per side ({"left": 16, …}) and fills
@@ -111,6 +144,8 @@ class Editor:
         and without clipping x̂₀ (the probability-flow ODE both ways; the result is clipped).
         The two models must share the diffusion space's shape (and T)."""
         images = self._check_images(images)
+        self._need_spatial("", "--edit=transfer")
+        target._need_spatial("", "--edit=transfer's target")
         if target.setup.image_shape != self.setup.image_shape:
             raise EditError(
                 f"--target_workdir: the target model works on {target.setup.image_shape}, the "
@@ -138,6 +173,20 @@ class Editor:
     def _table(self) -> tuple[np.ndarray, int]:
         s, t = self.setup.config.sampler, self.setup.schedule.num_steps
         return samplers.timestep_table(t, s.steps, s.spacing, s.max_steps), s.steps
+
+    def _need_spatial(self, kind: str, what: str) -> None:
+        have = self.setup.conditioner.spatial
+        if have != kind:
+            model = (
+                f"a model trained with spatial.kind={have!r}" if have else "an unconditioned model"
+            )
+            needs = f"one trained with spatial.kind={kind!r}" if kind else "a model without one"
+            raise EditError(f"{what} needs {needs}; this is {model}")
+
+    def _model_zeros(self, num: int) -> np.ndarray:
+        """Zeros shaped like a batch of `num` in the diffusion space, padded for the mesh."""
+        num += (-num) % self.setup.mesh.size
+        return np.zeros((num, *self.setup.image_shape), np.float32)
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images, np.float32)
@@ -188,9 +237,17 @@ class Editor:
             self._noise[x.shape] = sampling.make_noise_fn(self.setup.mesh, x.shape)
         return self._noise[x.shape](key)
 
-    def _cond(self, batch: int, label, prompt) -> tuple[Cond, Cond | None]:
+    def _cond(self, batch: int, label, prompt, concat=None) -> tuple[Cond, Cond | None]:
         """(condition, null side) for a padded batch: the class `label` (None: the null class,
-        i.e. unconditional), the `prompt` (None: the empty one)."""
+        i.e. unconditional), the `prompt` (None: the empty one), a spatial `concat`."""
+        cond, null = self._cond_parts(batch, label, prompt)
+        if concat is None:
+            self._need_spatial("", "this edit")
+            return cond, null
+        concat = self._put(concat)
+        return cond.replace(concat=concat), None if null is None else null.replace(concat=concat)
+
+    def _cond_parts(self, batch: int, label, prompt) -> tuple[Cond, Cond | None]:
         setup, b = self.setup, batch + (-batch) % self.setup.mesh.size
         c = setup.conditioner
         labels = None
@@ -206,7 +263,7 @@ class Editor:
         return cond, infer.null_cond(setup, b, None)
 
     def _sample(self, x_T, key, table, n, *, label=None, prompt=None, hook_args=None,
-                sampler=None, pred=None) -> jax.Array:  # fmt: skip
+                sampler=None, pred=None, concat=None) -> jax.Array:  # fmt: skip
         s = self.setup.config.sampler
         name = sampler or s.name
         pred = pred or build.prediction(self.setup.config)
@@ -218,7 +275,7 @@ class Editor:
                 conditioner=self.setup.conditioner, params_sharding=self.setup.params_sharding,
                 hook=editing.replace_known if hook_args is not None else None,
             )  # fmt: skip
-        cond, null = self._cond(len(x_T), label, prompt)
+        cond, null = self._cond(len(x_T), label, prompt, concat)
         eta = 0.0 if sampler == "ddim" else s.eta
         return self._fns[fn_key](
             self.params, x_T, cond, key, table, n, eta, s.guidance_scale, null_cond=null,

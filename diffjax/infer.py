@@ -8,6 +8,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -103,6 +104,7 @@ def write_samples(
         if done > bar.n and (done % 10 == 0 or int(i) == steps - 1):
             bar.update(done - bar.n)
 
+    conditions = spatial_conditions(setup, num)
     fn = setup.sample_fn(bs, progress=advance if bar is not None else None)
     null = null_cond(setup, bs, negative_prompt) if texts is not None else None
     out = []
@@ -113,6 +115,11 @@ def write_samples(
             c = setup.labels_cond(np.zeros(bs) if labels is None else part(labels))
         else:
             c = setup.prompt_cond(setup.text_side, part(np.asarray(texts, object)), part(labels))
+        if conditions is not None:  # a spatial model's: made from the eval split's images
+            mine = np.resize(conditions[b * bs : (b + 1) * bs], (bs, *conditions.shape[1:]))
+            concat = sharding.from_global(mine, sharding.batch_sharded(setup.mesh))
+            c = c.replace(concat=concat)
+            null = None if null is None else null.replace(concat=concat)
         x = fn(params, jax.random.fold_in(key, b), c, null)
         out.append(sharding.to_host(setup.decode(x)))  # a latent model's samples are decoded
     if bar is not None:
@@ -127,8 +134,23 @@ def write_samples(
             arrays["labels"] = labels
         if texts is not None:
             arrays["prompts"] = np.asarray(texts)
+        if conditions is not None:
+            arrays["conditions"] = conditions
         np.savez_compressed(os.path.splitext(path)[0] + ".npz", **arrays)
     return images
+
+
+def spatial_conditions(setup: Setup, num: int) -> np.ndarray | None:
+    """A spatial model's conditions for `num` samples: those of the eval split's first images
+    (their low-res versions, or masked with the fixed evaluation masks); None for other models."""
+    c = setup.conditioner
+    if not c.spatial:
+        return None
+    d = setup.config.data
+    source = build.open_split(setup.config, d.eval_split)
+    images = build.images_of(source, d.image_size, d.channels)(0, min(num, len(source)))
+    images = np.resize(images, (num, *images.shape[1:]))
+    return np.asarray(c.spatial_of(jnp.asarray(images)))
 
 
 def _sample_prompts(setup: Setup, num: int, prompt: str | None) -> list[str] | None:

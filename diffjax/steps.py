@@ -115,7 +115,8 @@ def make_train_step(
         keys = jax.random.split(jax.random.fold_in(key, state.step), 4)
         t_key, noise_key, dropout_key, drop_key = keys
         x0 = batch["image"] if to_x0 is None else to_x0(batch, frozen, jax.random.fold_in(t_key, 1))
-        c = conditioner.drop(conditioner.from_batch(batch, frozen), drop_key, frozen)
+        cond_key = jax.random.fold_in(drop_key, 1)  # an inpainting model's masks
+        c = conditioner.drop(conditioner.from_batch(batch, frozen, cond_key), drop_key, frozen)
         t, weights = losses.sample_timesteps(t_key, x0.shape[0], state.loss_history, t_sampling)
         noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
         t, weights, noise = (

@@ -1,0 +1,26 @@
+"""Super-resolution (SR3) on the embedded photo crops: 16x16 → 64x64 RGB.
+
+    python -m diffjax.main --config configs/sr_photos.py --workdir runs/sr_photos
+    python -m diffjax.main --config configs/sr_photos.py --workdir runs/sr_photos --mode=edit \
+        --edit=upscale --input low16.png --output high64.png
+
+A 3-level U-Net (64/128/128 channels) on `photos`, pairs made on the fly by 4x4 box averaging.
+"""
+
+from configs import default
+
+
+def get_config(arg: str | None = None):
+    if arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/sr_photos.py; it has none")
+    config = default.get_config()
+    config.data.update(name="photos", image_size=64, channels=3, random_flip=True)
+    config.model.update(
+        base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=()
+    )
+    config.spatial.update(kind="upscale", factor=4)
+    config.optim.update(lr=2e-4, warmup_steps=200, lr_schedule="cosine")
+    config.train.update(batch_size=16, num_steps=20000, checkpoint_every_steps=1000,
+                        num_samples=16, eval_batch_size=16)  # fmt: skip
+    config.sampler.update(batch_size=16)
+    return config
