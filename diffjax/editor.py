@@ -178,9 +178,15 @@ class Editor:
         have = self.setup.conditioner.spatial
         if have != kind:
             model = (
-                f"a model trained with spatial.kind={have!r}" if have else "an unconditioned model"
+                f"a model trained with spatial.kind={have!r}"
+                if have
+                else "a model without a spatial condition"
             )
-            needs = f"one trained with spatial.kind={kind!r}" if kind else "a model without one"
+            needs = (
+                f"a model trained with spatial.kind={kind!r}"
+                if kind
+                else "a model without a spatial condition"
+            )
             raise EditError(f"{what} needs {needs}; this is {model}")
 
     def _model_zeros(self, num: int) -> np.ndarray:

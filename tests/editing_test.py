@@ -11,7 +11,7 @@ from conftest import cli, one_line_error, run_all
 from PIL import Image
 
 from configs import digits
-from diffjax import build, editing, latent_setup, samplers, schedules
+from diffjax import build, editing, latent_setup, samplers, schedules, spatial
 from diffjax import edit as edit_lib
 from diffjax.cond import NONE
 from diffjax.editor import EditError, Editor
@@ -244,3 +244,97 @@ def test_every_edit_from_the_cli_and_bad_input_is_one_line(pixel_run, tmp_path):
     assert exists.read_bytes() == b"keep me" and not (tmp_path / "x.png").exists()
     rc, _, err = results["grey mask"]
     assert rc == 0 and "mask is all white" in err and "not black and white" in err, err[-2000:]
+
+
+def test_spatial_conditions_low_res_upsampling_and_masks():
+    x = RNG.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    low = np.asarray(spatial.low_res(jnp.asarray(x), 4))
+    box = [
+        np.stack([np.asarray(Image.fromarray(im[..., k]).resize((2, 2), Image.Resampling.BOX))
+                  for k in range(3)], -1)
+        for im in x
+    ]  # fmt: skip
+    np.testing.assert_allclose(low, np.stack(box), atol=1e-6)
+    # Bicubic interpolation reproduces a linear ramp away from the borders.
+    ramp = np.tile(np.linspace(-0.5, 0.5, 8, dtype=np.float32)[None, :, None], (8, 1, 1))[None]
+    up = np.asarray(spatial.upsample(jnp.asarray(ramp), (32, 32)))
+    np.testing.assert_allclose(np.diff(up[0, 8, 6:26, 0]), (1 / 7) / 4, atol=1e-5)
+    masks = np.asarray(spatial.random_masks(jax.random.key(0), 300, (16, 16)))
+    assert masks.shape == (300, 16, 16, 1) and set(np.unique(masks)) == {0.0, 1.0}
+    cover = masks.mean(axis=(1, 2, 3))
+    assert 0.05 < cover.min() and cover.max() < 0.9 and 0.2 < cover.mean() < 0.6, cover
+    edges = [masks[:, 0], masks[:, -1], masks[:, :, 0], masks[:, :, -1]]
+    whole_edge = np.any([e.all(axis=(1, 2)) for e in edges], axis=0)
+    assert 0.2 < whole_edge.mean() < 0.6, (
+        whole_edge.mean()
+    )  # border bands (and big boxes) take whole edges
+    again = np.asarray(spatial.random_masks(jax.random.key(0), 300, (16, 16)))
+    assert np.array_equal(masks, again)
+    cond = np.asarray(spatial.inpaint_condition(jnp.asarray(x[:, :, :, :1]), masks[:2, :8, :8]))
+    assert cond.shape == (2, 8, 8, 2) and np.all(cond[..., 0][masks[:2, :8, :8, 0] == 1] == 0)
+
+
+@pytest.mark.parametrize("kind", ["upscale", "inpaint"])
+def test_trained_edits_condition_on_the_image(kind, tmp_path):
+    config = digits.get_config("tiny")
+    config.data.data_dir = str(tmp_path)
+    config.spatial.update(kind=kind, factor=2)
+    setup = build.Setup(config)
+    ed = Editor(setup, setup.create_state().ema_params)
+    x = RNG.uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+    if kind == "upscale":
+        assert ed.low_res_size == (4, 4)
+        out = ed.upscale(x[:, ::2, ::2], jax.random.key(0))
+        assert out.shape == (3, 8, 8, 1) and np.isfinite(out).all()
+        with pytest.raises(EditError, match="upscales"):
+            ed.upscale(x, jax.random.key(0))
+    else:
+        mask = np.zeros((3, 8, 8, 1), np.float32)
+        mask[:, 2:6] = 1
+        out = ed.inpaint(x, mask, jax.random.key(0), method="trained")
+        assert np.array_equal(out[mask == 0], x[mask == 0])
+        with pytest.raises(EditError, match="spatial.kind='inpaint'"):
+            ed.inpaint(x, mask, jax.random.key(0))  # RePaint on it would drop its condition
+    with pytest.raises(EditError, match="without a spatial condition"):
+        ed.img2img(x, 0.5, jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_trained_super_resolution_and_inpainting_from_the_cli(tmp_path):
+    runs = {n: tmp_path / n for n in ("sr", "in")}
+    data = {n: tmp_path / f"tfds_{n}" for n in runs}  # two processes must not prepare one dir
+    results = run_all({
+        "sr": cli("sr_digits.py:tiny", runs["sr"], data["sr"], "--config.train.num_steps=3"),
+        "in": cli("digits_inpaint.py:tiny", runs["in"], data["in"], "--config.train.num_steps=3"),
+    })  # fmt: skip
+    for name, (rc, _, err) in results.items():
+        assert rc == 0, (name, err[-3000:])
+    conds = np.load(runs["sr"] / "samples" / "step_0000003.npz")["conditions"]
+    assert conds.shape[1:] == (8, 8, 1)  # the preview's conditions: the eval split's digits
+    low = _png(tmp_path / "low.png", RNG.integers(0, 256, (2, 2)))
+    img = _png(tmp_path / "in.png", RNG.integers(0, 256, (8, 8)))
+    half = np.zeros((8, 8), np.uint8)
+    half[:, 4:] = 255
+    mask = _png(tmp_path / "mask.png", half)
+
+    def edit(config, run, *flags):
+        return cli(config, run, data[run.name], "--mode=edit", *flags)
+
+    results = run_all({
+        "upscale": edit("sr_digits.py:tiny", runs["sr"], "--edit=upscale", f"--input={low}",
+                        f"--output={tmp_path}/up.png"),
+        "inpaint": edit("digits_inpaint.py:tiny", runs["in"], "--edit=inpaint", f"--input={img}",
+                        f"--mask={mask}", "--method=trained", f"--output={tmp_path}/in_out.png"),
+        "outpaint": edit("digits_inpaint.py:tiny", runs["in"], "--edit=outpaint",
+                         f"--input={img}", "--extend=right:4", "--method=trained",
+                         f"--output={tmp_path}/out.png"),
+        "wrong": edit("digits_inpaint.py:tiny", runs["in"], "--edit=upscale", f"--input={low}",
+                      f"--output={tmp_path}/w.png"),
+    })  # fmt: skip
+    for name in ("upscale", "inpaint", "outpaint"):
+        assert results[name][0] == 0, (name, results[name][2][-3000:])
+    assert np.asarray(Image.open(tmp_path / "up.png")).shape == (8, 8)
+    source = np.asarray(Image.open(img))
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "in_out.png"))[:, :4], source[:, :4])
+    assert np.asarray(Image.open(tmp_path / "out.png")).shape == (8, 12)
+    one_line_error(results["wrong"], "spatial.kind='upscale'")
