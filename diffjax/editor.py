@@ -280,6 +280,7 @@ class Editor:
                 pred=pred, variance=s.variance,
                 conditioner=self.setup.conditioner, params_sharding=self.setup.params_sharding,
                 hook=editing.replace_known if hook_args is not None else None,
+                jumps=hook_args is not None,
             )  # fmt: skip
         cond, null = self._cond(len(x_T), label, prompt, concat)
         eta = 0.0 if sampler == "ddim" else s.eta

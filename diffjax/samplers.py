@@ -242,10 +242,12 @@ def _loop(
     table: Array,
     key: Array,
     hook: Hook | None = None,
+    jumps: bool = False,
     carry: _Carry = _Carry(),
 ):
-    """Runs `body(i, carry)` for the table's moves i < n; a move up the table (a noisier next
-    level) re-noises x instead (no network call); then the hook, then the progress callback.
+    """Runs `body(i, carry)` for the table's moves i < n; with `jumps`, a move up the table (a
+    noisier next level) re-noises x instead (no network call; without, tables only go down and
+    the program is smaller); then the hook, then the progress callback.
 
     Move i draws from `fold_in(key, i)`: the sampler's own noise from it, the jump's and the
     hook's from its fold_in with 1 and 2, so edits leave the sampler's noise unchanged.
@@ -259,7 +261,7 @@ def _loop(
         return carry.jumped(c, renoise(s, x, table[i], table[i + 1], noise))
 
     def move(i, c):
-        c = jax.lax.cond(table[i + 1] > table[i], jump, body, i, c)
+        c = jax.lax.cond(table[i + 1] > table[i], jump, body, i, c) if jumps else body(i, c)
         if hook is not None:
             hook_key = jax.random.fold_in(jax.random.fold_in(key, i), 2)
             c = carry.put(c, hook(carry.get(c), table[i + 1], hook_key))
@@ -286,6 +288,7 @@ def ddpm_sample(
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
     hook: Hook | None = None,
+    jumps: bool = False,
 ) -> Array:
     """The ancestral sampler (DDPM), on the full chain or a respaced sub-sequence.
 
@@ -306,7 +309,7 @@ def ddpm_sample(
         `jax.debug.callback`, so it may run once per device).
       hook: optional `(x, t, key) -> x`, applied after every move to level t (t = -1: the
         clean image), inside the compiled loop: an edit's replacement of the known region.
-        The table may go back up (`editing.repaint_table`): such a move re-noises x
+      jumps: the table may go back up (`editing.repaint_table`): such a move re-noises x
         (`renoise`) with no network call.
 
     Returns:
@@ -321,7 +324,7 @@ def ddpm_sample(
         c = schedules.transition(s, t, t_next)
         return ancestral_step(x, x0, c, noise, variance=variance, v=v)
 
-    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook), pred)
+    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook, jumps), pred)
 
 
 def ddim_sample(
@@ -338,6 +341,7 @@ def ddim_sample(
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
     hook: Hook | None = None,
+    jumps: bool = False,
 ) -> Array:
     """DDIM with η ∈ [0, 1] (η = 0: the deterministic, invertible sampler). See `ddpm_sample`."""
 
@@ -347,7 +351,7 @@ def ddim_sample(
         noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
         return ddim_step(x0, eps, schedules.transition(s, t, t_next), eta, noise)
 
-    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook), pred)
+    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook, jumps), pred)
 
 
 def dpm_solver_pp_sample(
@@ -364,6 +368,7 @@ def dpm_solver_pp_sample(
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
     hook: Hook | None = None,
+    jumps: bool = False,
 ) -> Array:
     """DPM-Solver++(2M): second-order multistep on data predictions; first order on the first
     step (no history yet) and on the last (the jump to σ = 0, where r = 0). Deterministic; one
@@ -386,7 +391,7 @@ def dpm_solver_pp_sample(
         put=lambda c, x: (x, c[1], c[2]),
         jumped=lambda c, x: (x, c[1], jnp.zeros_like(c[2])),  # ᾱ_prev = 0: first order next
     )
-    x, _, _ = _loop(body, num_steps, init, progress, s, table, key, hook, carry)
+    x, _, _ = _loop(body, num_steps, init, progress, s, table, key, hook, jumps, carry)
     return _finish(x, pred)
 
 
@@ -404,6 +409,7 @@ def heun_sample(
     pred: Prediction = EPS_CLIPPED,
     progress: Callable[[Array], None] | None = None,
     hook: Hook | None = None,
+    jumps: bool = False,
 ) -> Array:
     """Heun's 2nd-order method on the probability-flow ODE dy/dσ = ε̂ (Karras et al. 2022,
     Algorithm 1 without churn), y = x/√ᾱ, σ = √((1-ᾱ)/ᾱ). The last step (to σ = 0) is an Euler
@@ -424,7 +430,7 @@ def heun_sample(
         y_next = jax.lax.cond(t_next >= 0, correct, lambda _: y_euler, None)
         return a_s * y_next
 
-    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook), pred)
+    return _finish(_loop(body, num_steps, x_T, progress, s, table, key, hook, jumps), pred)
 
 
 SAMPLERS: dict[str, Callable[..., Array]] = {

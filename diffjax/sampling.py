@@ -67,6 +67,7 @@ def make_sample_fn(
     params_sharding: Any = None,
     classifier: Any = None,
     hook: Callable[[schedules.Schedule, Any], samplers.Hook] | None = None,
+    jumps: bool = False,
 ):
     """`sample(params, x_T, cond, key, table, num_steps, eta=0, guidance_scale=1, *,
     null_cond=None, guidance_rescale=0, classifier_params=None, classifier_scale=0,
@@ -85,7 +86,7 @@ def make_sample_fn(
     chain is also classifier-guided towards `cond.label` at strength `classifier_scale`.
     An edit passes `hook`, a factory `(schedule, hook_args) -> samplers.Hook`, and each call its
     `hook_args` (a pytree of [B, ...] arrays, e.g. the known image and its mask): they are traced,
-    so new images and masks reuse the program.
+    so new images and masks reuse the program. `jumps`: tables may go back up (RePaint).
     """
 
     def run(params, x_T, c, null_c, key, table, num_steps, eta, scale, rescale, cls, cls_scale,
@@ -105,6 +106,7 @@ def make_sample_fn(
             pred=pred,
             progress=progress,
             hook=None if hook is None else hook(schedule, hook_args),
+            jumps=jumps,
         )
 
     rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)

@@ -75,7 +75,7 @@ def test_repaint_with_resampling_draws_the_exact_gaussian_conditional():
             lambda walk, n: samplers.ddpm_sample(
                 _gaussian_denoiser(s), s, jax.random.normal(jax.random.key(0), (b, 1, 4, 1)),
                 NONE, jax.random.key(1), walk, n, pred=samplers.EPS_UNCLIPPED,
-                hook=editing.replace_known(s, args),
+                hook=editing.replace_known(s, args), jumps=True,
             )
         )  # fmt: skip
         out = np.asarray(run(walk, n)).reshape(b, 4)
@@ -177,6 +177,7 @@ def pixel_run(tmp_path_factory):
     return data_dir, work
 
 
+@pytest.mark.slow
 def test_every_edit_from_the_cli_and_bad_input_is_one_line(pixel_run, tmp_path):
     data_dir, work = pixel_run
     img = _png(tmp_path / "in.png", RNG.integers(0, 256, (8, 8)))
