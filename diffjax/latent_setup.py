@@ -22,6 +22,11 @@ def is_latent(config) -> bool:
     return bool(config.latent.autoencoder_workdir or config.latent.diffusers_vae)
 
 
+# Config sections added after runs were first written, with the values that mean "not used":
+# the config.json of an older run gets them on reading, so it loads as what it was.
+SECTIONS_ADDED_LATER = {"spatial": {"kind": "", "factor": 4}}
+
+
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a training run wrote to `<workdir>/config.json`."""
     path = os.path.join(workdir, latent.CONFIG_FILE)
@@ -33,9 +38,12 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         )
     try:
         with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f))
+            stored = json.load(f)
     except ValueError as err:
         raise LatentError(f"{path} is corrupt ({err})") from None
+    for section, off in SECTIONS_ADDED_LATER.items():  # a run written before they existed
+        stored.setdefault(section, dict(off))
+    return ml_collections.ConfigDict(stored)
 
 
 def write_run_config(config, workdir: str) -> None:

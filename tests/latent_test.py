@@ -9,7 +9,8 @@ import pytest
 from conftest import cli, one_line_error, run_all
 from PIL import Image
 
-from diffjax import latent
+from configs import digits_latent
+from diffjax import latent, latent_setup
 
 
 def test_scale_estimate_on_data_with_a_known_std():
@@ -230,3 +231,13 @@ def _every_edit_of_a_latent_model(work, data_dir, ae_work, tmp_path):
     assert edited["outpaint"].shape == (16, 24) and np.array_equal(
         edited["outpaint"][:, :16], source
     )
+
+
+def test_a_run_config_written_before_a_section_existed_reads_with_it_off(tmp_path):
+    config = digits_latent.get_config("tiny")
+    latent_setup.write_run_config(config, str(tmp_path))
+    stored = json.load(open(tmp_path / "config.json"))
+    del stored["spatial"]  # as an older diffjax wrote it
+    json.dump(stored, open(tmp_path / "config.json", "w"))
+    again = latent_setup.read_run_config(str(tmp_path))
+    assert again.spatial.kind == "" and again.model.base_channels == config.model.base_channels
