@@ -62,6 +62,18 @@ def one_line_error(result, *words) -> str:
     return lines[0]
 
 
+def record_digests(builder) -> dict:
+    """sha256 of each array_record file a prepared tfds builder wrote (determinism checks)."""
+    import hashlib
+
+    directory = builder.data_dir
+    return {
+        name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(directory))
+        if ".array_record" in name
+    }
+
+
 class CompileCounter:
     """Counts XLA compilations through JAX's public monitoring events."""
 

@@ -1,12 +1,11 @@
 """Tests for the `photos` builder: offline, deterministic random crops, whole photos held out."""
 
-import hashlib
-import os
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import record_digests
 
 from diffjax import data
 from diffjax.data import photos as photos_lib
@@ -28,12 +27,7 @@ def _sources(data_dir, split):
 
 def _digests(data_dir):
     """sha256 of each array_record file of the prepared 64x64 data."""
-    directory = data.get_builder("photos", data_dir).data_dir
-    return {
-        name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
-        for name in sorted(os.listdir(directory))
-        if ".array_record" in name
-    }
+    return record_digests(data.get_builder("photos", data_dir))
 
 
 def test_prepares_array_record_offline_with_the_planned_counts(photos_dir):

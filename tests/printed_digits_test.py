@@ -1,13 +1,12 @@
 """Tests for the `printed_digits` builder: offline, deterministic, shaped like `digits`, and a
 different style of the same ten classes."""
 
-import hashlib
-import os
 import sys
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import record_digests
 
 from diffjax import data
 from diffjax.data import digits as digits_lib
@@ -47,12 +46,7 @@ def _levels(images: np.ndarray) -> np.ndarray:
 
 def _digests(data_dir):
     """sha256 of each array_record file of the prepared data."""
-    directory = data.get_builder("printed_digits", data_dir).data_dir
-    return {
-        name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
-        for name in sorted(os.listdir(directory))
-        if ".array_record" in name
-    }
+    return record_digests(data.get_builder("printed_digits", data_dir))
 
 
 def test_prepares_balanced_splits_without_tensorflow(printed_dir, printed):
