@@ -31,8 +31,8 @@ def check_request(edit: str, *, mask=None, strength=None, extend=None, method="r
     for name, value in given.items():
         if value and needs.get(edit, (None,))[0] != name:
             raise EditError(f"--{name} is not used by --edit={edit}")
-    if strength is not None and edit != "img2img":
-        raise EditError(f"--strength is for --edit=img2img, not --edit={edit}")
+    if strength is not None and edit not in ("img2img", "transfer"):
+        raise EditError(f"--strength is for --edit=img2img or transfer, not --edit={edit}")
     try:  # the math's own range checks, as bad input
         if strength is not None:
             editing.sdedit_steps(1, strength)
@@ -108,7 +108,7 @@ def _run(editor: Editor, edit, inputs, images, masks, key, *, strength, extend, 
     if edit == "img2img":
         return list(editor.img2img(batch, 0.6 if strength is None else strength, key, **cond))
     if edit == "transfer":
-        return list(editor.transfer(batch, target, **cond))
+        return list(editor.transfer(batch, target, strength=strength or 1.0, **cond))
     m = image_io.fit(masks, size, "--mask", nearest=True)
     m = np.broadcast_to(m, (len(batch), *m.shape))
     return list(editor.inpaint(batch, m, key, **how))

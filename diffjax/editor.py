@@ -138,11 +138,14 @@ class Editor:
         log.info("outpaint: %d windows of %dx%d", i, h, w)
         return canvas
 
-    def transfer(self, images, target: Editor, *, label=None, prompt=None) -> np.ndarray:
+    def transfer(self, images, target: Editor, *, strength: float = 1.0, label=None,
+                 prompt=None) -> np.ndarray:  # fmt: skip
         """DDIB (Su et al. 2023): DDIM-invert `images` under this (source) model to its x_T,
         then DDIM-sample (η = 0) the target model from that x_T; both with this model's steps,
         and without clipping x̂₀ (the probability-flow ODE both ways; the result is clipped).
-        The two models must share the diffusion space's shape (and T)."""
+        `strength` < 1 inverts only that far up the chain (the last round(strength · steps)
+        levels, as img2img cuts it) and samples the target from there: more of the input
+        survives. The two models must share the diffusion space's shape (and T)."""
         images = self._check_images(images)
         self._need_spatial("", "--edit=transfer")
         target._need_spatial("", "--edit=transfer's target")
@@ -152,6 +155,9 @@ class Editor:
                 f"source on {self.setup.image_shape}; transfer needs the same shape"
             )
         table, steps = self._table()
+        if editing.sdedit_steps(steps, strength) == 0:
+            return images
+        table, steps = editing.sdedit_table(table, steps, strength)
         x0 = self._to_model(images)
         cond, null = self._cond(len(x0), label, prompt)
         if self._invert is None:

@@ -53,7 +53,9 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("edit", None, list(edit.EDITS), "--mode=edit: what to do with --input.")
 flags.DEFINE_string("mask", None, "--edit=inpaint: mask image, white = regenerate, black = keep.")
 flags.DEFINE_float(
-    "strength", None, "--edit=img2img: 0 keeps the input, 1 ignores it (default 0.6)."
+    "strength",
+    None,
+    "--edit=img2img (default 0.6) / transfer (default 1): how far up the chain to go.",
 )
 flags.DEFINE_string("extend", None, "--edit=outpaint: pixels per side, e.g. left:16,right:16.")
 flags.DEFINE_enum("method", "repaint", list(edit.METHODS), "--edit=inpaint/outpaint: how.")

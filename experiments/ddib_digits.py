@@ -59,6 +59,7 @@ def main():
     parser.add_argument("--source", default="runs/digits")
     parser.add_argument("--target", default="runs/printed_digits")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--strength", type=float, default=1.0)
     parser.add_argument("--grid", default="")
     args = parser.parse_args()
     src_cfg = latent_setup.read_run_config(args.source)
@@ -68,9 +69,9 @@ def main():
     size = source.image_size[0]
     hand, labels = quality.real_digits("test", size)
     hand = np.asarray(hand)
-    source.transfer(hand[:1], target)  # compile
+    source.transfer(hand[:1], target, strength=args.strength)  # compile
     t0 = time.perf_counter()
-    out = source.transfer(hand, target)
+    out = source.transfer(hand, target, strength=args.strength)
     per_image = (time.perf_counter() - t0) / len(hand)
     digit, domain = _classifiers()
     printed_test, printed_y = _printed("test", size)
@@ -79,7 +80,8 @@ def main():
         "real handwritten test digits": (hand, labels),
         "real printed test digits": (printed_test, printed_y),
     }
-    print(f"\n{_cpu_model()}, jax {jax.__version__}, DDIM {args.steps} each way, "
+    print(f"\n{_cpu_model()}, jax {jax.__version__}, DDIM {args.steps} each way, strength "
+          f"{args.strength}, "
           f"{per_image * 1e3:.0f} ms per image\n")  # fmt: skip
     print("| images | class (both-domain classifier) | judged printed |")
     print("|---|---|---|")

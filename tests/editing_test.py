@@ -161,6 +161,9 @@ def test_transfer_to_the_same_model_is_the_ddim_round_trip(tmp_path, compiles):
         errors.append(float(np.sqrt(np.mean((ed.transfer(x, ed) - x) ** 2))))
     # First order in the step, as the inversion itself (tests/samplers_test.py).
     assert errors[1] < 0.4 * errors[0] and errors[1] < 1e-4, errors
+    assert np.array_equal(ed.transfer(x, ed, strength=0.0), x)
+    half = ed.transfer(x, ed, strength=0.5)  # inverted half way up, sampled back from there
+    assert float(np.sqrt(np.mean((half - x) ** 2))) < 1e-4
 
 
 def _png(path, array):
