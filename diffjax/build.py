@@ -375,6 +375,35 @@ class Setup:
             self._classifier = (cls_setup.model, state.ema_params)
         return self._classifier
 
+    def sample_program(self, sampler=None, pred=None, progress=None, hook=None, jumps=False):
+        """`sampling.make_sample_fn` of this model with the config's sampler settings (variance,
+        conditioner, classifier), `sampler`/`pred` replacing the config's; an edit's `hook`
+        and `jumps` pass through. Call it with `guidance_args()`."""
+        s = self.config.sampler
+        return sampling.make_sample_fn(
+            self.model,
+            self.schedule,
+            self.mesh,
+            sampler=sampler or s.name,
+            pred=pred or prediction(self.config),
+            variance=s.variance,
+            conditioner=self.conditioner,
+            progress=progress,
+            params_sharding=self.params_sharding,
+            classifier=self.classifier()[0] if s.classifier_workdir else None,
+            hook=hook,
+            jumps=jumps,
+        )
+
+    def guidance_args(self) -> dict:
+        """The config's guidance keywords of a `sample_program` call (rescale, classifier)."""
+        s = self.config.sampler
+        return dict(
+            guidance_rescale=s.guidance_rescale,
+            classifier_params=self.classifier()[1] if s.classifier_workdir else None,
+            classifier_scale=s.classifier_scale,
+        )
+
     def sample_fn(self, batch_size: int, progress=None):
         """`(params, key, cond) -> samples [batch_size, H, W, C]` with the config's sampler,
         steps, spacing, η and guidance; x_T is drawn from `key`, the sampler's noise from a key
@@ -383,18 +412,7 @@ class Setup:
         s = self.config.sampler
         fn = self._sample_fns.get(batch_size) if progress is None else None
         if fn is None:
-            fn = sampling.make_sample_fn(
-                self.model,
-                self.schedule,
-                self.mesh,
-                sampler=s.name,
-                pred=prediction(self.config),
-                variance=s.variance,
-                conditioner=self.conditioner,
-                progress=progress,
-                params_sharding=self.params_sharding,
-                classifier=self.classifier()[0] if s.classifier_workdir else None,
-            )
+            fn = self.sample_program(progress=progress)
             if progress is None:
                 self._sample_fns[batch_size] = fn
         if batch_size not in self._noise_fns:
@@ -406,21 +424,8 @@ class Setup:
         def sample(params, key, cond: Cond, null_cond: Cond | None = None):
             noise_key, loop_key = jax.random.split(key)
             x_T = noise(noise_key)
-            scale, rescale = s.guidance_scale, s.guidance_rescale
-            return fn(
-                params,
-                x_T,
-                cond,
-                loop_key,
-                table,
-                s.steps,
-                s.eta,
-                scale,
-                null_cond=null_cond,
-                guidance_rescale=rescale,
-                classifier_params=self.classifier()[1] if s.classifier_workdir else None,
-                classifier_scale=s.classifier_scale,
-            )
+            return fn(params, x_T, cond, loop_key, table, s.steps, s.eta, s.guidance_scale,
+                      null_cond=null_cond, **self.guidance_args())  # fmt: skip
 
         return sample
 

@@ -108,7 +108,9 @@ def _run(editor: Editor, edit, inputs, images, masks, key, *, strength, extend, 
     if edit == "img2img":
         return list(editor.img2img(batch, 0.6 if strength is None else strength, key, **cond))
     if edit == "transfer":
-        return list(editor.transfer(batch, target, strength=strength or 1.0, **cond))
+        return list(
+            editor.transfer(batch, target, strength=1.0 if strength is None else strength, **cond)
+        )
     m = image_io.fit(masks, size, "--mask", nearest=True)
     m = np.broadcast_to(m, (len(batch), *m.shape))
     return list(editor.inpaint(batch, m, key, **how))

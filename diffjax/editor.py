@@ -38,7 +38,7 @@ class Editor:
         self.setup, self.params = setup, params
         self.image_size = tuple(setup.pixel_shape[:2])
         self.channels = setup.pixel_shape[2]
-        self._fns, self._noise, self._encode, self._invert = {}, {}, None, None
+        self._fns, self._noise_fns, self._encode, self._invert = {}, {}, None, None
 
     @classmethod
     def load(cls, config, workdir: str, step: int | None = None) -> Editor:
@@ -64,7 +64,7 @@ class Editor:
         noise_key, loop_key = jax.random.split(key)
         x0 = self._to_model(images)
         x = editing.sdedit_start(
-            self.setup.schedule, x0, self._noise_like(x0, noise_key), cut[0], n == steps
+            self.setup.schedule, x0, self._noise(len(images), noise_key), cut[0], n == steps
         )
         out = self._sample(x, loop_key, cut, n, label=label, prompt=prompt)
         return self._from_model(out, len(images))
@@ -81,12 +81,13 @@ class Editor:
         """
         images, keep = self._check_images(images), self._check_mask(mask, images)
         table, steps = self._table()
-        x_T = self._noise_like(self._model_zeros(len(images)), jax.random.fold_in(key, 1))
+        x_T = self._noise(len(images), jax.random.fold_in(key, 1))
         if method == "trained":
             self._need_spatial("inpaint", "--method=trained")
             concat = spatial.inpaint_condition(images, 1.0 - keep)
             out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)
         elif method == "repaint":
+            self._need_spatial("", "--method=repaint")
             walk, n = editing.repaint_table(table, steps, jump_length, resamplings)
             args = {"known": self._to_model(images), "keep": self._put(self._model_mask(keep))}
             out = self._sample(x_T, key, walk, n, label=label, prompt=prompt, hook_args=args)
@@ -110,7 +111,7 @@ class Editor:
         if low.ndim != 4 or low.shape[1:] != want:
             raise EditError(f"low-res images of shape {low.shape}; this model upscales [B, {want}]")
         table, steps = self._table()
-        x_T = self._noise_like(self._model_zeros(len(low)), jax.random.fold_in(key, 1))
+        x_T = self._noise(len(low), jax.random.fold_in(key, 1))
         concat = spatial.upsample(low, (h, w))
         out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)
         return self._from_model(out, len(low))
@@ -195,10 +196,8 @@ class Editor:
             )
             raise EditError(f"{what} needs {needs}; this is {model}")
 
-    def _model_zeros(self, num: int) -> np.ndarray:
-        """Zeros shaped like a batch of `num` in the diffusion space, padded for the mesh."""
-        num += (-num) % self.setup.mesh.size
-        return np.zeros((num, *self.setup.image_shape), np.float32)
+    def _padded_count(self, num: int) -> int:
+        return num + (-num) % self.setup.mesh.size
 
     def _check_images(self, images) -> np.ndarray:
         images = np.asarray(images, np.float32)
@@ -223,8 +222,8 @@ class Editor:
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         """The batch padded (repeating its last example) to a multiple of the mesh's devices."""
-        b, d = len(x), self.setup.mesh.size
-        return x if b % d == 0 else np.concatenate([x, np.repeat(x[-1:], d - b % d, 0)])
+        extra = self._padded_count(len(x)) - len(x)
+        return np.concatenate([x, np.repeat(x[-1:], extra, 0)]) if extra else x
 
     def _put(self, x) -> jax.Array:
         return sharding.from_global(
@@ -244,10 +243,12 @@ class Editor:
     def _from_model(self, x, num: int) -> np.ndarray:
         return np.asarray(sharding.to_host(self.setup.decode(x)))[:num]
 
-    def _noise_like(self, x, key) -> jax.Array:
-        if x.shape not in self._noise:
-            self._noise[x.shape] = sampling.make_noise_fn(self.setup.mesh, x.shape)
-        return self._noise[x.shape](key)
+    def _noise(self, num: int, key) -> jax.Array:
+        """N(0, I) for a batch of `num` in the diffusion space, padded for the mesh."""
+        shape = (self._padded_count(num), *self.setup.image_shape)
+        if shape not in self._noise_fns:
+            self._noise_fns[shape] = sampling.make_noise_fn(self.setup.mesh, shape)
+        return self._noise_fns[shape](key)
 
     def _cond(self, batch: int, label, prompt, concat=None) -> tuple[Cond, Cond | None]:
         """(condition, null side) for a padded batch: the class `label` (None: the null class,
@@ -260,7 +261,7 @@ class Editor:
         return cond.replace(concat=concat), None if null is None else null.replace(concat=concat)
 
     def _cond_parts(self, batch: int, label, prompt) -> tuple[Cond, Cond | None]:
-        setup, b = self.setup, batch + (-batch) % self.setup.mesh.size
+        setup, b = self.setup, self._padded_count(batch)
         c = setup.conditioner
         labels = None
         if c.num_classes:
@@ -276,23 +277,18 @@ class Editor:
 
     def _sample(self, x_T, key, table, n, *, label=None, prompt=None, hook_args=None,
                 sampler=None, pred=None, concat=None) -> jax.Array:  # fmt: skip
-        s = self.setup.config.sampler
-        name = sampler or s.name
-        pred = pred or build.prediction(self.setup.config)
-        fn_key = (name, hook_args is not None, pred)
+        """The config's sampler (or `sampler`, `pred`) from x_T over `table`, guided as the
+        config says; with `hook_args`, RePaint's replacement and jumps."""
+        fn_key = (sampler, hook_args is not None, pred)
         if fn_key not in self._fns:
-            self._fns[fn_key] = sampling.make_sample_fn(
-                self.setup.model, self.setup.schedule, self.setup.mesh, sampler=name,
-                pred=pred, variance=s.variance,
-                conditioner=self.setup.conditioner, params_sharding=self.setup.params_sharding,
-                hook=editing.replace_known if hook_args is not None else None,
-                jumps=hook_args is not None,
-            )  # fmt: skip
+            edit = {"hook": editing.replace_known, "jumps": True} if hook_args is not None else {}
+            self._fns[fn_key] = self.setup.sample_program(sampler=sampler, pred=pred, **edit)
         cond, null = self._cond(len(x_T), label, prompt, concat)
+        s = self.setup.config.sampler
         eta = 0.0 if sampler == "ddim" else s.eta
         return self._fns[fn_key](
             self.params, x_T, cond, key, table, n, eta, s.guidance_scale, null_cond=null,
-            guidance_rescale=s.guidance_rescale, hook_args=hook_args,
+            hook_args=hook_args, **self.setup.guidance_args(),
         )  # fmt: skip
 
 
