@@ -12,13 +12,17 @@ digits U-Net on the latents; samples are decoded to 32x32 PNG grids and .npz. `-
 autoencoder_workdir` names another autoencoder run (relative paths are from the working
 directory), `--config.latent.diffusers_vae=DIR` a diffusers AutoencoderKL instead.
 Variants: `:text`, text-to-image as `configs/digits_text.py` (a jointly trained encoder);
-`:class`, class-conditional with guidance as `configs/digits_class.py`; `:tiny`, seconds long,
-for the tests (with `:text_tiny`, `:class_tiny`).
+`:class`, class-conditional with guidance as `configs/digits_class.py`; `:sr`, latent
+super-resolution 8x8 → 32x32 (the bicubic condition folded onto the 8x8 latent grid,
+`spatial.fold`); `:inpaint`, trained latent inpainting (the masked digit and mask, folded the
+same way); `:tiny`, seconds long, for the tests (with `:text_tiny`, `:class_tiny`, `:sr_tiny`,
+`:inpaint_tiny`).
 """
 
 from configs import digits, digits_class, digits_text
 
-VARIANTS = ("", "tiny", "text", "text_tiny", "class", "class_tiny")
+VARIANTS = ("", "tiny", "text", "text_tiny", "class", "class_tiny", "sr", "sr_tiny", "inpaint",
+            "inpaint_tiny")  # fmt: skip
 
 
 def get_config(arg: str | None = None):
@@ -52,5 +56,9 @@ def get_config(arg: str | None = None):
             num_groups=16,
         )
         config.train.update(num_steps=3500, checkpoint_every_steps=500)
+    if arg.startswith("sr"):
+        config.spatial.update(kind="upscale", factor=4)
+    elif arg.startswith("inpaint"):
+        config.spatial.kind = "inpaint"
     config.sampler.update(clip_x0=False)
     return config

@@ -76,9 +76,13 @@ def model(config, latent_channels: int = 0) -> UNet | TextUNet | AutoencoderKL:
     return TextUNet(unet=unet, encoder=encoder)
 
 
-def conditioner(config) -> Conditioner:
+def conditioner(config, image_shape: tuple | None = None) -> Conditioner:
+    """The run's conditioner; `image_shape` is what the network diffuses ([h, w, z] latents for a
+    latent model, where spatial conditions are folded onto the h × w grid)."""
     text = bool(config.text.encoder)
     size, c = config.data.image_size, config.data.channels
+    fold = size // image_shape[0] if image_shape else 1
+    c_spatial = (c + (config.spatial.kind == "inpaint")) * fold * fold
     return Conditioner(
         num_classes=config.model.num_classes,
         drop_prob=config.model.cond_drop_prob,
@@ -86,7 +90,8 @@ def conditioner(config) -> Conditioner:
         context_width=MINILM_WIDTH if config.text.encoder == "minilm" else 0,
         spatial=config.spatial.kind,
         spatial_factor=config.spatial.factor,
-        concat_shape=(size, size, c + (config.spatial.kind == "inpaint")),
+        spatial_fold=fold,
+        concat_shape=(size // fold, size // fold, c_spatial),
     )
 
 
@@ -260,7 +265,7 @@ class Setup:
             self.image_shape = self.codec.module.latent_shape(self.pixel_shape)
         self.model = model(config, self.image_shape[-1] if self.codec else 0)
         self.discriminator = discriminator(config)
-        self.conditioner = conditioner(config)
+        self.conditioner = conditioner(config, self.image_shape)
         self.tx = optimizer(config)
         self.schedule = schedule(config)
         root = jax.random.key(config.seed)

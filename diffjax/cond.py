@@ -95,7 +95,9 @@ class Conditioner:
       spatial: "" or a `spatial.KINDS` condition made from the batch's images and concatenated
         to x_t: "upscale" (the bicubic of the image shrunk by `spatial_factor`), "inpaint" (the
         image with a random mask's region blanked, and the mask).
-      concat_shape: (H, W, C') of that condition.
+      spatial_fold: a latent model's autoencoder factor f: the condition, made at the images'
+        size, is folded onto the latent grid (`spatial.fold`); 1 for pixel models.
+      concat_shape: (H, W, C') of that condition as the network sees it (folded).
     """
 
     num_classes: int = 0
@@ -104,6 +106,7 @@ class Conditioner:
     context_width: int = 0
     spatial: str = ""
     spatial_factor: int = 0
+    spatial_fold: int = 1
     concat_shape: tuple = ()
 
     @property
@@ -138,15 +141,20 @@ class Conditioner:
         model (`prompts.TextSide.table`); `key` draws an inpainting model's masks (default a
         fixed one: evaluation sees the same masks every time)."""
         label = jnp.asarray(batch["label"], jnp.int32) if self.num_classes else None
-        concat = self.spatial_of(batch["image"], key) if self.spatial else None
+        concat = self.fold(self.spatial_of(batch["image"], key)) if self.spatial else None
         if not self.text:
             return Cond(label=label, concat=concat)
         ids = batch["caption"]
         return Cond(label=label, context=frozen["context"][ids], context_mask=frozen["mask"][ids],
                     concat=concat)  # fmt: skip
 
+    def fold(self, concat: Array) -> Array:
+        """A spatial condition at the images' size → the network's input (`concat_shape`)."""
+        return spatial.fold(concat, self.spatial_fold)
+
     def spatial_of(self, images: Array, key: Array | None = None) -> Array:
-        """The spatial condition [B, H, W, C'] of training images [B, H, W, C]."""
+        """The spatial condition [B, H, W, C'] of training images [B, H, W, C], at their size
+        (`fold` takes it to a latent model's grid)."""
         if self.spatial == "upscale":
             return spatial.upscale_condition(images, self.spatial_factor)
         key = jax.random.key(0) if key is None else key

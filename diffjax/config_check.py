@@ -139,12 +139,6 @@ def _check_spatial(config, fail) -> None:
         return
     if config.task != "diffusion":
         fail("spatial.kind", f"is for diffusion models, not task={config.task!r}")
-    if config.latent.autoencoder_workdir or config.latent.diffusers_vae:
-        fail(
-            "spatial.kind",
-            "spatial conditions are made for pixel models; leave config.latent empty (latent "
-            "super-resolution and inpainting are not built yet)",
-        )
     if sp.kind == "upscale" and (sp.factor < 2 or size % sp.factor):
         fail("spatial.factor", f"must be >= 2 and divide data.image_size={size}, got {sp.factor}")
 

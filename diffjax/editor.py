@@ -84,7 +84,7 @@ class Editor:
         x_T = self._noise(len(images), jax.random.fold_in(key, 1))
         if method == "trained":
             self._need_spatial("inpaint", "--method=trained")
-            concat = spatial.inpaint_condition(images, 1.0 - keep)
+            concat = self.setup.conditioner.fold(spatial.inpaint_condition(images, 1.0 - keep))
             out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)
         elif method == "repaint":
             self._need_spatial("", "--method=repaint")
@@ -112,7 +112,7 @@ class Editor:
             raise EditError(f"low-res images of shape {low.shape}; this model upscales [B, {want}]")
         table, steps = self._table()
         x_T = self._noise(len(low), jax.random.fold_in(key, 1))
-        concat = spatial.upsample(low, (h, w))
+        concat = self.setup.conditioner.fold(spatial.upsample(low, (h, w)))
         out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)
         return self._from_model(out, len(low))
 

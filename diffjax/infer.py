@@ -117,7 +117,9 @@ def write_samples(
             c = setup.prompt_cond(setup.text_side, part(np.asarray(texts, object)), part(labels))
         if conditions is not None:  # a spatial model's: made from the eval split's images
             mine = np.resize(conditions[b * bs : (b + 1) * bs], (bs, *conditions.shape[1:]))
-            concat = sharding.from_global(mine, sharding.batch_sharded(setup.mesh))
+            concat = setup.conditioner.fold(
+                sharding.from_global(mine, sharding.batch_sharded(setup.mesh))
+            )
             c = c.replace(concat=concat)
             null = None if null is None else null.replace(concat=concat)
         x = fn(params, jax.random.fold_in(key, b), c, null)

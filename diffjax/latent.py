@@ -153,11 +153,14 @@ def write_cache(path: str, fingerprint: str, mean, std, label) -> None:
 class CachedSource:
     """A training source of encoded examples: records {'latent_mean', 'latent_std' [V, h, w, z],
     'label' (and 'text')}, V = 2 with flips (the image and its mirror), else 1. Random access
-    like `data.RecordSource`, without decoding any image."""
+    like `data.RecordSource`, without decoding any image, unless `images` (the source the cache
+    was encoded from) is given: then each record has its 'image' too, for the spatial condition
+    of a latent super-resolution or inpainting model."""
 
-    def __init__(self, cache: dict, texts: list[str] | None = None):
+    def __init__(self, cache: dict, texts: list[str] | None = None, images=None):
         self._mean, self._std, self._label = cache["mean"], cache["std"], cache["label"]
         self._texts = texts
+        self._images = images
 
     def __len__(self) -> int:
         return len(self._label)
@@ -170,6 +173,8 @@ class CachedSource:
         }
         if self._texts is not None:
             record["text"] = self._texts[index]
+        if self._images is not None:
+            record["image"] = self._images[index]["image"]
         return record
 
     def __getitems__(self, indices) -> list[dict]:

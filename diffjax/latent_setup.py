@@ -206,7 +206,8 @@ def prepare_training(setup, source, data_state: dict | None, data_dir: str, capt
     if cache is None:
         return source
     texts = source.texts() if captions is not None and source.has_text else None
-    return latent.CachedSource(cache, texts)
+    images = source if setup.conditioner.spatial else None  # the condition is made from them
+    return latent.CachedSource(cache, texts, images)
 
 
 def make_to_x0(module: ae_lib.AutoencoderKL):

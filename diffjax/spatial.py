@@ -35,6 +35,17 @@ def inpaint_condition(images: Array, mask: Array) -> Array:
     return jnp.concatenate([images * (1.0 - mask), mask], axis=-1)
 
 
+def fold(x: Array, factor: int) -> Array:
+    """Space-to-depth: [B, H, W, C] → [B, H/f, W/f, f·f·C], each f × f block's pixels stacked on
+    the channel axis (row-major within the block). A latent model's spatial condition reaches
+    the latent grid this way: nothing is lost, and no encoder pass is needed."""
+    if factor == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // factor, factor, w // factor, factor, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // factor, w // factor, factor * factor * c)
+
+
 def random_masks(key: Array, batch: int, size: tuple[int, int]) -> Array:
     """[B, H, W, 1] training masks, 1 = regenerate: per example one of a box (¼ to ¾ of each
     side), a border band (one side, ⅛ to ½ of the image) or three brush strokes (thick segments

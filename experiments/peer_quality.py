@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import build, infer, quality, samplers, sampling, sharding  # noqa: E402
+from diffjax import build, infer, latent_setup, quality, samplers, sampling, sharding  # noqa: E402
 from diffjax.cond import NONE  # noqa: E402
 
 PEER_DIR = os.path.join(ROOT, "..", "shared", "peers", "samples")
@@ -80,7 +80,9 @@ def _sample(setup, params, config, key: str, num: int) -> np.ndarray:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None, help="A digits workdir; omit for peer rows.")
-    parser.add_argument("--config", default="", help="Variant of configs/digits.py it used.")
+    parser.add_argument(
+        "--config", default="", help="Variant of configs/digits.py (default: the run's own config)."
+    )
     parser.add_argument("--num", type=int, default=512, help="diffjax samples per sampler.")
     parser.add_argument("--samplers", default="ddpm1000,ddim50")
     parser.add_argument("--label", default="diffjax", help="Name of the diffjax rows.")
@@ -100,7 +102,10 @@ def main() -> None:
             flush=True,
         )
     if args.workdir:
-        config = digits.get_config(args.config or None)
+        if args.config or not os.path.exists(os.path.join(args.workdir, "config.json")):
+            config = digits.get_config(args.config or None)
+        else:  # the config the run was trained with, overrides included
+            config = latent_setup.read_run_config(args.workdir)
         if args.raw:
             setup = build.Setup(config)
             state, step = infer.restore_for_inference(setup, args.workdir, None)

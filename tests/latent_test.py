@@ -4,13 +4,15 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import cli, one_line_error, run_all
 from PIL import Image
 
 from configs import digits_latent
-from diffjax import latent, latent_setup
+from diffjax import build, latent, latent_setup, spatial
 
 
 def test_scale_estimate_on_data_with_a_known_std():
@@ -58,6 +60,35 @@ def test_cached_source_records_and_flip_views():
     assert set(np.unique(means)) <= {0.0, 1.0}
     np.testing.assert_array_equal(batch["latent_std"], batch["latent_mean"] + 1)
     assert src[2]["text"] == "c" and src[2]["label"] == 2
+
+
+def test_latent_spatial_conditions_fold_onto_the_grid_and_flip_with_their_latents():
+    # spatial.fold against an explicit loop over the f x f blocks.
+    x = np.random.default_rng(0).normal(size=(2, 8, 12, 3)).astype(np.float32)
+    folded = np.asarray(spatial.fold(jnp.asarray(x), 4))
+    assert folded.shape == (2, 2, 3, 48)
+    for i, j, di, dj in np.ndindex(2, 3, 4, 4):
+        k = (di * 4 + dj) * 3
+        np.testing.assert_array_equal(folded[:, i, j, k : k + 3], x[:, 4 * i + di, 4 * j + dj])
+    config = digits_latent.get_config("inpaint_tiny")
+    c = build.conditioner(config, (4, 4, 4))  # 16x16 digits, 4x4x4 latents: f = 4
+    assert (c.spatial_fold, c.concat_shape) == (4, (4, 4, 32))
+    images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (3, 16, 16, 1)), jnp.float32)
+    concat = c.from_batch({"image": images, "label": np.zeros(3)}, None, jax.random.key(0)).concat
+    assert concat.shape == (3, 4, 4, 32)  # the masked image's and the mask's 16 pixels per cell
+    # A cached latent record carries its image too, flipped together with the latents' view.
+    mean = np.stack([np.zeros((4, 2, 2, 4)), np.ones((4, 2, 2, 4))], axis=1).astype(np.float32)
+    ramp = np.tile(np.arange(8, dtype=np.uint8)[None, :, None] * 30, (8, 1, 1))
+    records = [{"image": ramp, "label": 0} for _ in range(4)]
+    src = latent.CachedSource({"mean": mean, "std": mean + 1, "label": np.arange(4)}, None, records)
+    from diffjax.data import make_train_iterator
+
+    batch = next(
+        make_train_iterator(src, image_size=8, channels=1, global_batch=4, seed=0, random_flip=True)
+    )
+    flipped = batch["latent_mean"].reshape(4, -1)[:, 0] == 1
+    rising = batch["image"][:, 0, -1, 0] > batch["image"][:, 0, 0, 0]
+    np.testing.assert_array_equal(rising, ~flipped)
 
 
 def _ae(work, data_dir, *flags):
@@ -231,6 +262,42 @@ def _every_edit_of_a_latent_model(work, data_dir, ae_work, tmp_path):
     assert edited["outpaint"].shape == (16, 24) and np.array_equal(
         edited["outpaint"][:, :16], source
     )
+
+
+@pytest.mark.slow
+def test_latent_super_resolution_and_trained_inpainting_from_the_cli(autoencoder_run, tmp_path):
+    data_dir, ae_work = autoencoder_run
+    runs = {v: tmp_path / v for v in ("sr_tiny", "inpaint_tiny")}
+    results = run_all({v: _lat(w, data_dir, ae_work, variant=v) for v, w in runs.items()})
+    for name, (rc, _, err) in results.items():
+        assert rc == 0, (name, err[-3000:])
+    rng = np.random.default_rng(0)
+    low, img, mask = tmp_path / "low.png", tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray(rng.integers(0, 256, (4, 4)).astype(np.uint8)).save(low)
+    source = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+    Image.fromarray(source).save(img)
+    m = np.zeros((16, 16), np.uint8)
+    m[9:] = 255
+    Image.fromarray(m).save(mask)
+
+    def edit(variant, *flags):
+        return _lat(runs[variant], data_dir, ae_work, "--mode=edit", *flags, variant=variant)
+
+    results = run_all({
+        "upscale": edit("sr_tiny", "--edit=upscale", f"--input={low}",
+                        f"--output={tmp_path}/up.png"),
+        "inpaint": edit("inpaint_tiny", "--edit=inpaint", "--method=trained", f"--input={img}",
+                        f"--mask={mask}", f"--output={tmp_path}/filled.png"),
+        "outpaint": edit("inpaint_tiny", "--edit=outpaint", "--method=trained", f"--input={img}",
+                         "--extend=top:8", f"--output={tmp_path}/out.png"),
+    })  # fmt: skip
+    for name, (rc, _, err) in results.items():
+        assert rc == 0, (name, err[-3000:])
+    assert np.asarray(Image.open(tmp_path / "up.png")).shape == (16, 16)
+    filled = np.asarray(Image.open(tmp_path / "filled.png"))
+    assert np.array_equal(filled[:9], source[:9]) and not np.array_equal(filled[9:], source[9:])
+    out = np.asarray(Image.open(tmp_path / "out.png"))
+    assert out.shape == (24, 16) and np.array_equal(out[8:], source)
 
 
 def test_a_run_config_written_before_a_section_existed_reads_with_it_off(tmp_path):

@@ -72,6 +72,8 @@ def _example(record, image_size: int, channels: int, captions=None) -> dict:
         if len(record["latent_mean"]) > 1:  # the mirror image's latents, for `_random_flip`
             example["flipped_mean"] = np.asarray(record["latent_mean"][1], np.float32)
             example["flipped_std"] = np.asarray(record["latent_std"][1], np.float32)
+        if "image" in record:  # a latent spatial model's condition is made from the image
+            example["image"] = preprocess_image(record["image"], image_size, channels)
     else:
         image = preprocess_image(record["image"], image_size, channels)
         example = {"image": image, "label": np.int32(record.get("label", 0))}
@@ -101,7 +103,7 @@ def _random_flip(example: dict, rng: np.random.Generator) -> dict:
         mean, std = example.pop("flipped_mean"), example.pop("flipped_std")
         if flip:
             example.update(latent_mean=mean, latent_std=std)
-    elif flip:
+    if flip and "image" in example:
         example = {**example, "image": np.ascontiguousarray(example["image"][:, ::-1])}
     return example
 
