@@ -1,6 +1,7 @@
 """Edits on held-out digits: inpainting the lower half (RePaint settings) and an SDEdit sweep.
 
     python experiments/edit_quality.py --workdir runs/digits_latent [--num 296]
+    python experiments/edit_quality.py --workdir runs/digits_latent_inpaint --method trained
 
 The model is a trained digits run at 32x32 (pixel or latent, e.g. `configs/digits_latent.py`).
 Inputs are the 296 held-out test digits at 32x32 (`quality.real_digits`).
@@ -11,7 +12,9 @@ Inputs are the 296 held-out test digits at 32x32 (`quality.real_digits`).
 - SDEdit: blocky inputs (each digit averaged to 4x4 and enlarged by pixel repetition: a crude
   "stroke painting") edited at strengths 0 … 1 with DDIM 50: PSNR to the input (faithfulness),
   classifier confidence and FD (realism) and class agreement with the input's label.
-Prints markdown tables with the CPU's name.
+With `--method trained` (a `spatial.kind="inpaint"` run, e.g. `configs/digits_latent.py:inpaint`)
+the same inpainting rows are drawn by the trained model, without resampling, and the SDEdit
+sweep is skipped. Prints markdown tables with the CPU's name.
 """
 
 import argparse
@@ -39,6 +42,7 @@ INPAINT = (  # (sampler, steps, resamplings, jump length)
     ("ddpm", 250, 10, 10),
     ("ddpm", 1000, 1, 1),
 )
+TRAINED = (("ddim", 50, 1, 1), ("ddpm", 250, 1, 1), ("ddpm", 1000, 1, 1))
 
 
 def _scores(out, labels):
@@ -57,6 +61,7 @@ def main():
     parser.add_argument("--workdir", default="runs/digits_latent")
     parser.add_argument("--num", type=int, default=296)
     parser.add_argument("--skip", default="", help="comma list of inpainting rows to skip (0..)")
+    parser.add_argument("--method", default="repaint", choices=("repaint", "trained"))
     args = parser.parse_args()
     config = latent_setup.read_run_config(args.workdir)
     ed = Editor.load(config, args.workdir)
@@ -71,7 +76,8 @@ def main():
     print("| inpainting (lower half) | network calls | class agrees | confidence | FD | s/image |")
     print("|---|---|---|---|---|---|")
     skip = {int(i) for i in args.skip.split(",") if i}
-    for row, (name, steps, r, j) in enumerate(INPAINT):
+    method = args.method
+    for row, (name, steps, r, j) in enumerate(TRAINED if method == "trained" else INPAINT):
         if row in skip:
             continue
         s.update(
@@ -79,18 +85,22 @@ def main():
         )
         walk, moves = editing.repaint_table(samplers.timestep_table(1000, steps), steps, j, r)
         calls = editing.network_calls(walk, moves)
-        ed.inpaint(images[:1], mask[:1], jax.random.key(0), jump_length=j, resamplings=r)  # compile
+        kw = dict(method=method, jump_length=j, resamplings=r)
+        ed.inpaint(images[:1], mask[:1], jax.random.key(0), **kw)  # compile
         t0 = time.perf_counter()
-        out = ed.inpaint(images, mask, jax.random.key(1), jump_length=j, resamplings=r)
+        out = ed.inpaint(images, mask, jax.random.key(1), **kw)
         dt = (time.perf_counter() - t0) / n
         q = _scores(out, labels)
         what = f"{name.upper()} {steps}" + (f", r = {r}, j = {j}" if r > 1 else ", no resampling")
+        what = f"trained, {name.upper()} {steps}" if method == "trained" else what
         print(f"| {what} | {calls} | {q['agree']:.3f} | {q['conf']:.3f} | {q['fd']:.2f} "
               f"| {dt:.2f} |", flush=True)  # fmt: skip
     real = _scores(images, labels)
     print(f"| the held-out digits themselves | | {real['agree']:.3f} | {real['conf']:.3f} "
           f"| {real['fd']:.2f} | |")  # fmt: skip
     print(f"\n(real train digits at this N: FD {quality.real_distance(n, 32):.2f})\n")
+    if method == "trained":
+        return
 
     coarse = images.reshape(n, 4, 8, 4, 8, 1).mean(axis=(2, 4))  # 4x4 blocks of 8x8 pixels
     blocky = np.repeat(np.repeat(coarse, 8, 1), 8, 2)
