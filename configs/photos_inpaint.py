@@ -15,6 +15,6 @@ from configs import sr_photos
 def get_config(arg: str | None = None):
     if arg:
         raise ValueError(f"unknown variant {arg!r} of configs/photos_inpaint.py; it has none")
-    config = sr_photos.get_config()
+    config = sr_photos.get_config(None)
     config.spatial.update(kind="inpaint")
     return config
