@@ -23,8 +23,11 @@ def get_config(arg: str | None = None):
         dropout=0.0,
     )
     # A short run wants the rate annealed: warm up for 100 steps, then a cosine decay to 0 at the
-    # last step (DDIM-50 FD 2.6 at N = 512 after these 1000 steps, against 6.4 for the diffusers
-    # peer's 10-minute, 2464-step model at the same settings; see the README).
+    # last step; and the loss weighted by Min-SNR-5 (Hang et al. 2023), so the low-noise steps,
+    # which are easy, do not crowd out the rest: DDIM-50 confidence 0.924 and FD 1.46 at N = 512
+    # after these 1000 steps (0.895 and 2.61 unweighted), against 0.921 and 6.43 for the
+    # diffusers peer's 10-minute, 2464-step model at the same settings; see the README.
+    config.diffusion.min_snr_gamma = 5.0
     config.optim.update(lr=1e-3, warmup_steps=100, lr_schedule="cosine", ema_decay=0.999)
     config.train.update(
         batch_size=64,
