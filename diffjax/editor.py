@@ -279,12 +279,12 @@ class Editor:
                 sampler=None, pred=None, concat=None) -> jax.Array:  # fmt: skip
         """The config's sampler (or `sampler`, `pred`) from x_T over `table`, guided as the
         config says; with `hook_args`, RePaint's replacement and jumps."""
-        fn_key = (sampler, hook_args is not None, pred)
+        s = self.setup.config.sampler  # read at each call: a study may change it in between
+        fn_key = (sampler or s.name, s.variance, hook_args is not None, pred)
         if fn_key not in self._fns:
             edit = {"hook": editing.replace_known, "jumps": True} if hook_args is not None else {}
             self._fns[fn_key] = self.setup.sample_program(sampler=sampler, pred=pred, **edit)
         cond, null = self._cond(len(x_T), label, prompt, concat)
-        s = self.setup.config.sampler
         eta = 0.0 if sampler == "ddim" else s.eta
         return self._fns[fn_key](
             self.params, x_T, cond, key, table, n, eta, s.guidance_scale, null_cond=null,

@@ -119,6 +119,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, caplog):
     caplog.set_level(logging.INFO, logger="diffjax")
     config = _config(data_dir, num_steps=4, checkpoint_every_steps=2)
@@ -192,6 +193,7 @@ def test_cli_rejects_bad_config_before_compiling(tmp_path, data_dir):
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_hybrid_loss_with_importance_sampling_then_fast_sampling_from_the_cli(tmp_path, data_dir):
     """Learned variances + the hybrid loss + importance-sampled t: the per-t history is part of
     the checkpoint; then --mode=sample with DPM-Solver++ at 5 steps, set on the command line."""

@@ -113,6 +113,21 @@ def test_img2img_strength_0_is_the_input_and_1_is_plain_sampling(tiny_editor):
         ed.img2img(x, 1.5, key)
 
 
+def test_an_editor_follows_the_config_sampler_changed_between_calls(tiny_editor):
+    ed, s = tiny_editor, tiny_editor.setup.config.sampler
+    x = RNG.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)
+    key = jax.random.key(5)
+    name = s.name
+    first = ed.img2img(x, 0.6, key)
+    try:
+        s.name = "ddim" if name != "ddim" else "ddpm"
+        other = ed.img2img(x, 0.6, key)
+    finally:
+        s.name = name
+    assert not np.allclose(first, other)  # a study's new sampler, not the first one's program
+    np.testing.assert_array_equal(ed.img2img(x, 0.6, key), first)
+
+
 def test_inpaint_keeps_the_known_region_exactly_and_new_masks_compile_nothing(
     tiny_editor, compiles
 ):
