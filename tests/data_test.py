@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -440,3 +441,24 @@ def test_upsampling_more_than_twofold_is_warned():
     assert data.upsampling_warning(ListSource(10, (8, 8, 1)), 16) is None  # 2x: fine
     message = data.upsampling_warning(ListSource(10, (2, 3, 1)), 16)
     assert "only 2 px" in message and "8.0x" in message and "data.image_size (<= 4)" in message
+
+
+def test_processes_preparing_one_dataset_at_once_prepare_it_once(tmp_path):
+    # Four processes open the unprepared digits in one data_dir at the same moment: without the
+    # preparation lock the later ones die on tfds' "already exists"; with it they wait and read.
+    code = (
+        "import sys, time; from diffjax.data import load_source\n"
+        "while time.time() < float(sys.argv[2]): time.sleep(0.001)\n"
+        "print(len(load_source('digits', 'train', sys.argv[1])))\n"
+    )
+    start = str(time.time() + 8)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path), start],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err[-2000:]
+        assert out.split()[-1] == "1501"
+    assert len(os.listdir(tmp_path / "digits")) == 1  # one prepared version, no leftovers

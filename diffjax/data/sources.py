@@ -9,6 +9,7 @@ with `builder.as_data_source(split)` (random access, decoded with PIL, no Tensor
 In a multi-process run, prepare once (e.g. on process 0, or beforehand) before every process reads.
 """
 
+import fcntl
 import importlib.util
 import os
 
@@ -173,6 +174,25 @@ def _prepare(builder, name: str, data_dir: str, download: bool):
     return builder
 
 
+def _prepare_once(name: str, data_dir: str, folder, download: bool):
+    """`_prepare` under an exclusive file lock in data_dir when something is to be prepared, so
+    processes that start on the same unprepared dataset at once (runs side by side, a cluster's
+    hosts on a shared disk) prepare it once: the others wait, then read what the first wrote."""
+    builder = get_builder(name, data_dir, folder=folder)
+    ready = builder.is_prepared() and not (isinstance(builder, ImageFolder) and builder.is_stale())
+    if ready or not download:
+        return _prepare(builder, name, data_dir, download)
+    try:
+        os.makedirs(data_dir, exist_ok=True)
+        lock = open(os.path.join(data_dir, f".prepare-{name.replace('/', '_')}.lock"), "w")
+    except OSError:  # an unwritable data_dir: preparing says what is wrong
+        return _prepare(builder, name, data_dir, download)
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        builder = get_builder(name, data_dir, folder=folder)  # what a waited-for process left
+        return _prepare(builder, name, data_dir, download)
+
+
 class RecordSource:
     """Random access to one split as records {'image': uint8 [H, W, C], 'label': int}.
 
@@ -283,8 +303,7 @@ def load_source(
     Raises:
       DatasetError: unknown name or split, missing or unpreparable data, corrupt files.
     """
-    builder = get_builder(name, data_dir, folder=folder)
-    builder = _prepare(builder, name, os.path.expanduser(data_dir), download)
+    builder = _prepare_once(name, os.path.expanduser(data_dir), folder, download)
     info = builder.info
     try:
         data_source = builder.as_data_source(split, file_format=_ARRAY_RECORD)
