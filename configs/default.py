@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
         dropout=0.1,  # Dropout inside residual blocks.
         num_groups=32,  # GroupNorm groups.
         norm_eps=1e-6,  # GroupNorm epsilon.
+        time_freq_shift=1.0,  # Time embedding: frequencies 10⁴^(-i/(C/2 - shift)) (DDPM: 1).
+        time_flip_sin_to_cos=False,  # Time embedding: cosines first (diffusers' UNet2DModel).
+        downsample_padding=0,  # Stride-2 convs pad 0: bottom/right (DDPM), 1: all sides.
         num_classes=0,  # >0: class-conditional on the dataset's labels (its ClassLabel's count).
         classifier_classes=0,  # task=classifier: logits over this many classes (encoder half).
         cond_drop_prob=0.1,  # Conditional models: train on the null condition this often (CFG).
@@ -57,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.diffusion = dict(
         schedule="linear",  # linear | cosine | scaled_linear | sigmoid.
         num_steps=1000,  # T, the number of diffusion steps.
+        beta_start=0.0,  # linear/scaled_linear: β_1 (linear: for T = 1000); 0 = the schedule's.
+        beta_end=0.0,  # linear/scaled_linear: β_T (linear: for T = 1000); 0 = the schedule's.
         target="eps",  # What the network predicts: eps | x0 | v.
         zero_terminal_snr=False,  # Rescale the schedule so ᾱ_T = 0 (needs target v or x0).
         learned_variance=False,  # The network also outputs the reverse variance (2C channels).

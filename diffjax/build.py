@@ -190,8 +190,10 @@ def discriminator(config) -> PatchDiscriminator | None:
 
 def schedule(config) -> schedules.Schedule:
     df = config.diffusion
+    kw = {k: df.get(k, 0.0) for k in ("beta_start", "beta_end")}
+    kw = {k: v for k, v in kw.items() if v}  # 0: the schedule's own
     return schedules.make_schedule(
-        df.schedule, df.num_steps, zero_terminal_snr=df.zero_terminal_snr
+        df.schedule, df.num_steps, zero_terminal_snr=df.zero_terminal_snr, **kw
     )
 
 

@@ -29,6 +29,32 @@ def fail(message: str, code: int, exc: BaseException | None = None) -> None:
     raise SystemExit(code)
 
 
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) if str(e) else ""
+    if isinstance(e, BadInput):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def run_guarded(body, bad_input: tuple[type, ...], runtime: tuple[type, ...] = ()):
+    """Runs `body()`; the user's errors (`bad_input`) exit 2 with their message, `runtime`
+    failures exit 1, and anything else (a bug) exits 1 saying how to get the traceback."""
+    try:
+        return body()
+    except bad_input as e:  # something the user can fix: the message, not a traceback
+        fail(one_line(e), BAD_INPUT, e)
+    except runtime as e:
+        fail(one_line(e), RUNTIME_FAILURE, e)
+    except Exception as e:  # a bug or an environment failure: say how to report it
+        if verbose():
+            raise
+        fail(
+            f"{one_line(e)} (an unexpected error: rerun with --verbose or {VERBOSE_ENV}=1 for "
+            "the traceback)",
+            RUNTIME_FAILURE,
+        )
+
+
 def verbose(argv: list[str] | None = None) -> bool:
     argv = sys.argv if argv is None else argv
     flag = any(a in ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1") for a in argv)

@@ -35,12 +35,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("model.dropout", f"must be in [0, 1), got {m.dropout}")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         fail("model.dtype", f"must be float32, bfloat16 or float16, got {m.dtype!r}")
+    if m.get("downsample_padding", 0) not in (0, 1):
+        fail("model.downsample_padding", f"must be 0 or 1, got {m.downsample_padding}")
     _check_conditioning(config, fail)
     _check_spatial(config, fail)
     if config.diffusion.schedule not in schedules.SCHEDULES:
         fail(
             "diffusion.schedule",
             f"unknown {config.diffusion.schedule!r}; choose one of {sorted(schedules.SCHEDULES)}",
+        )
+    df = config.diffusion
+    betas = (df.get("beta_start", 0.0), df.get("beta_end", 0.0))
+    if any(betas) and df.schedule not in ("linear", "scaled_linear"):
+        fail(
+            "diffusion.beta_start",
+            f"and beta_end are for linear and scaled_linear, not {df.schedule!r}",
+        )
+    if any(betas) and not 0.0 < betas[0] < betas[1] < 1.0:
+        fail(
+            "diffusion.beta_start", f"and beta_end need 0 < beta_start < beta_end < 1, got {betas}"
         )
     if config.diffusion.num_steps < 2:
         fail("diffusion.num_steps", "must be at least 2")

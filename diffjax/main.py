@@ -134,7 +134,8 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("diffjax").setLevel(logging.INFO)
     config = FLAGS.config
-    try:
+
+    def body():
         _check_flags()
         _init_distributed(FLAGS.cpu_devices or config.mesh.cpu_devices)
         if FLAGS.mode == "train":
@@ -174,18 +175,8 @@ def main(argv):
                     FLAGS.negative_prompt,
                 )
             )
-    except BAD_INPUT_ERRORS as e:  # something the user can fix: the message, not a traceback
-        cli.fail(_one_line(e), cli.BAD_INPUT, e)
-    except RUNTIME_ERRORS as e:
-        cli.fail(_one_line(e), cli.RUNTIME_FAILURE, e)
-    except Exception as e:  # a bug or an environment failure: say how to report it
-        if cli.verbose():
-            raise
-        cli.fail(
-            f"{_one_line(e)} (an unexpected error: rerun with --verbose or "
-            f"{cli.VERBOSE_ENV}=1 for the traceback)",
-            cli.RUNTIME_FAILURE,
-        )
+
+    cli.run_guarded(body, BAD_INPUT_ERRORS, RUNTIME_ERRORS)
 
 
 def _edit(config) -> list[str]:
@@ -205,13 +196,6 @@ def _edit(config) -> list[str]:
         target_workdir=FLAGS.target_workdir, label=label, prompt=FLAGS.prompt, step=FLAGS.step,
         overwrite=FLAGS.overwrite,
     )  # fmt: skip
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) if str(e) else ""
-    if isinstance(e, cli.BadInput):
-        return text
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _check_flags() -> None:

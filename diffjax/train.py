@@ -95,10 +95,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         worker_count=d.worker_count,
         captions=captions,
     )
-    if data_state is not None:
-        _continue_stream(train_iter, data_state["train_iter"], ckpt)
-    else:
+    if data_state is None:
         state, last_saved = setup.create_state(), None
+    elif "train_iter" in data_state:
+        _continue_stream(train_iter, data_state["train_iter"], ckpt)
+    else:  # written by `diffjax.convert`: pretrained weights, no data read yet
+        log.info("step %d has no data position (an imported model): fine-tuning", last_saved)
     task = tasks.for_setup(setup)
     writer = MetricWriter(workdir, resumed_step=last_saved if last_saved is not None else 0)
     stop = {"signal": None}

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from diffjax.models.diffusers_vae import CONFIG_FILE, WEIGHTS_FILE, load_autoencoder_kl
+from diffjax.models.diffusers_io import CONFIG_FILE, WEIGHTS_FILE
+from diffjax.models.diffusers_vae import load_autoencoder_kl
 from diffjax.models.pretrained import PretrainedError
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import safetensors
-import safetensors.numpy
 
+from diffjax.models import diffusers_io as io
 from diffjax.models.autoencoder import AutoencoderKL, from_diffusers_config
 from diffjax.models.layers import ShapeError
 from diffjax.models.pretrained import PretrainedError
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 CLASS_NAME = "AutoencoderKL"
 # Settings AutoencoderKL implements (diffusers' defaults); a config asking for another is
 # refused, not misread. The block types are checked per level.
@@ -33,18 +28,8 @@ LEGACY_NAMES = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "pr
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PretrainedError(f"{path} is not readable JSON: {err}") from err
-    if not isinstance(config, dict) or config.get("_class_name") != CLASS_NAME:
-        found = config.get("_class_name") if isinstance(config, dict) else type(config).__name__
-        raise PretrainedError(
-            f"{path}: _class_name={found!r} is not supported (want {CLASS_NAME!r})"
-        )
-    for key, want in CONFIG_REQUIRED.items():
-        if config.get(key, want) != want:
-            raise PretrainedError(f"{path}: {key}={config[key]!r} is not supported (want {want!r})")
+    config = io.read_json(path, (CLASS_NAME,))
+    io.check_settings(path, config, CONFIG_REQUIRED)
     levels = len(config.get("block_out_channels", (64,)))
     for key, want in BLOCK_TYPES.items():
         types = list(config.get(key, [want] * levels))
@@ -54,22 +39,6 @@ def _read_config(path: Path) -> dict[str, Any]:
                 f"{levels} levels of block_out_channels)"
             )
     return {**LATENT_DEFAULTS, **config}
-
-
-def _weights_file(directory: Path) -> Path:
-    file = directory / WEIGHTS_FILE
-    if file.is_file():
-        return file
-    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
-    if any(name.endswith(".safetensors") for name in others):
-        raise PretrainedError(f"{file} is missing (the directory has {', '.join(others)})")
-    if others:
-        raise PretrainedError(
-            f"{file} is missing; {', '.join(others)} (pickled PyTorch) is not read, as unpickling "
-            "runs code: convert it once with diffusers, "
-            "`AutoencoderKL.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)`"
-        )
-    raise PretrainedError(f"{file} is missing")
 
 
 def checkpoint_name(path: tuple[str, ...]) -> str:
@@ -94,38 +63,18 @@ def _legacy_name(name: str) -> str | None:
     return None
 
 
-def _checkpoint_shape(leaf: str, want: tuple[int, ...]) -> tuple[int, ...]:
-    """A param's shape as PyTorch stores it: convs [O, I, H, W], linears [out, in]."""
-    if leaf == "kernel" and len(want) == 4:
-        return (want[3], want[2], want[0], want[1])
-    return want[::-1] if leaf == "kernel" else want
-
-
 def _convert(
-    path: tuple[str, ...],
-    tensors: dict[str, np.ndarray],
-    want: jax.ShapeDtypeStruct,
-    file: Path,
-    used: set[str],
+    path: tuple[str, ...], reader: io.TensorReader, want: jax.ShapeDtypeStruct
 ) -> jnp.ndarray:
-    name = checkpoint_name(path)
+    name, stored = checkpoint_name(path), io.torch_shape(path[-1], want.shape)
     legacy = _legacy_name(name)
-    if name not in tensors and legacy in tensors:
+    if name not in reader.names and legacy in reader.names:
         name = legacy
-    elif name not in tensors:
-        raise PretrainedError(f"{file} lacks tensor {name}")
-    value, stored = tensors[name], _checkpoint_shape(path[-1], want.shape)
-    if name == legacy and value.shape == (*stored, 1, 1):
-        value = value[:, :, 0, 0]  # a 1x1 convolution is a linear map over channels
-    if value.shape != stored:
-        raise PretrainedError(
-            f"{file}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {stored}"
-        )
-    used.add(name)
-    if path[-1] == "kernel":
-        # torch convs are [O, I, H, W] and flax's [H, W, I, O]; torch linears [out, in].
-        value = value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
-    return jnp.asarray(np.asarray(value, np.float32), want.dtype)
+        if reader.shape_of(name) == (*stored, 1, 1):  # a 1x1 convolution: a linear map
+            value = reader.get(name, (*stored, 1, 1))[:, :, 0, 0]
+            return jnp.asarray(io.to_flax(value, path[-1]), want.dtype)
+    value = reader.get(name, stored)
+    return jnp.asarray(io.to_flax(value, path[-1]), want.dtype)
 
 
 def load_autoencoder_kl(
@@ -152,27 +101,18 @@ def load_autoencoder_kl(
     directory = Path(directory)
     if not directory.is_dir():
         raise PretrainedError(f"AutoencoderKL directory {directory} does not exist")
-    if not (directory / CONFIG_FILE).is_file():
-        raise PretrainedError(f"{directory / CONFIG_FILE} is missing")
-    config = _read_config(directory / CONFIG_FILE)
-    file = _weights_file(directory)
+    config = _read_config(directory / io.CONFIG_FILE)
+    file = io.weights_file(directory, CLASS_NAME)
     module = from_diffusers_config(config, dtype)
     try:
         image = (1, module.factor, module.factor, module.in_channels)
         image = jax.ShapeDtypeStruct(image, jnp.float32)
         shapes = jax.eval_shape(module.init, jax.random.key(0), image)["params"]
     except ShapeError as err:
-        raise PretrainedError(f"{directory / CONFIG_FILE}: {err}") from err
-    try:
-        tensors = safetensors.numpy.load_file(file)  # bfloat16 too: jax registers ml_dtypes
-    except (OSError, safetensors.SafetensorError) as err:
-        raise PretrainedError(f"{file} is corrupt or truncated: {err}") from err
-    used = set()
+        raise PretrainedError(f"{directory / io.CONFIG_FILE}: {err}") from err
+    reader = io.TensorReader(file)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, s: _convert(tuple(k.key for k in p), tensors, s, file, used), shapes
+        lambda p, s: _convert(tuple(k.key for k in p), reader, s), shapes
     )
-    unexpected = sorted(set(tensors) - used)
-    if unexpected:
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        raise PretrainedError(f"{file}: unexpected tensors {', '.join(unexpected[:5])}{more}")
+    reader.check_all_used()
     return module, params, config

@@ -23,15 +23,26 @@ class ShapeError(ValueError):
         self.field, self.message = field, message
 
 
-def timestep_embedding(t: Array, dim: int, max_period: float = 10000.0) -> Array:
+def timestep_embedding(
+    t: Array,
+    dim: int,
+    max_period: float = 10000.0,
+    *,
+    freq_shift: float = 1.0,
+    flip_sin_to_cos: bool = False,
+) -> Array:
     """Sinusoidal embedding of t: [B] → [B, dim] (Transformer §3.5, as used by DDPM).
 
-    Frequencies are max_period^(-i / (dim/2 - 1)) for i < dim/2; sines then cosines.
+    Frequencies are max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; sines then cosines.
+    DDPM's own is freq_shift = 1, sines first; diffusers' `UNet2DModel` and Stable Diffusion use
+    freq_shift = 0 with the cosines first (`flip_sin_to_cos`).
     """
     half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+    freqs = jnp.exp(exponent / (half - freq_shift))
     args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+    parts = [jnp.sin(args), jnp.cos(args)]
+    emb = jnp.concatenate(parts[::-1] if flip_sin_to_cos else parts, axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
@@ -178,19 +189,18 @@ class AttentionBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 stride-2 conv, padding bottom/right only (DDPM's TF 'SAME' for even sizes)."""
+    """3x3 stride-2 conv. `padding` 0 pads bottom/right only (DDPM's TF 'SAME' for even sizes);
+    1 pads every side by one (diffusers' `downsample_padding=1`, Stable Diffusion's)."""
 
+    padding: int = 0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        pad = ((0, 1), (0, 1)) if self.padding == 0 else ((1, 1), (1, 1))
         return Conv(
-            x.shape[-1],
-            stride=2,
-            padding=((0, 1), (0, 1)),
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
+            x.shape[-1], stride=2, padding=pad, dtype=self.dtype, param_dtype=self.param_dtype
         )(x)
 
 

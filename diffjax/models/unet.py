@@ -45,6 +45,10 @@ class UNet(nn.Module):
         time embedding (the global text signal of GLIDE and Imagen), besides cross-attention.
       dropout: dropout rate inside residual blocks (active when train=True).
       num_groups, norm_eps: GroupNorm settings.
+      time_freq_shift, time_flip_sin_to_cos: the sinusoidal time embedding's convention
+        (`layers.timestep_embedding`): DDPM's is 1 and False, diffusers' UNet2DModel's 0 and True.
+      downsample_padding: 0 pads the stride-2 convolutions bottom/right (DDPM), 1 on every side
+        (diffusers' default).
       out_channels: output channels; None = the channels of x (2x that for learned variances).
       num_classes: >0 adds a class embedding to the time embedding; label `num_classes` is the
         reserved "no label" class (for classifier-free guidance).
@@ -70,6 +74,9 @@ class UNet(nn.Module):
     dropout: float = 0.1
     num_groups: int = 32
     norm_eps: float = 1e-6
+    time_freq_shift: float = 1.0
+    time_flip_sin_to_cos: bool = False
+    downsample_padding: int = 0
     out_channels: int | None = None
     num_classes: int = 0
     classifier_classes: int = 0
@@ -167,7 +174,12 @@ class UNet(nn.Module):
         res = lambda h, ch: block(ResBlock, ch, self.dropout, static_argnums=(3,))(h, temb, train)
 
         temb_dim = 4 * self.base_channels
-        temb = timestep_embedding(t, self.base_channels)
+        temb = timestep_embedding(
+            t,
+            self.base_channels,
+            freq_shift=self.time_freq_shift,
+            flip_sin_to_cos=self.time_flip_sin_to_cos,
+        )
         temb = nn.Dense(temb_dim, **kw)(nn.silu(nn.Dense(temb_dim, **kw)(temb)))
         if self.num_classes:
             if cond.label is None:
@@ -195,7 +207,7 @@ class UNet(nn.Module):
                     h = attn(h)
                 skips.append(h)
             if level != len(self.channel_mults) - 1:
-                h = Downsample(**kw)(h)
+                h = Downsample(self.downsample_padding, **kw)(h)
                 skips.append(h)
 
         h = res(h, h.shape[-1])

@@ -1,0 +1,148 @@
+"""diffusers model directories (config.json + safetensors), read and written tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from diffjax.models.pretrained import PretrainedError
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def read_json(path: Path, class_names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """A diffusers JSON file (config.json, scheduler_config.json, model_index.json) as a dict;
+    with `class_names`, its `_class_name` must be one of them."""
+    if not path.is_file():
+        raise PretrainedError(f"{path} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PretrainedError(f"{path} is not readable JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise PretrainedError(f"{path} holds a {type(config).__name__}, not a JSON object")
+    if class_names is not None and config.get("_class_name") not in class_names:
+        want = " or ".join(repr(c) for c in class_names)
+        raise PretrainedError(
+            f"{path}: _class_name={config.get('_class_name')!r} is not supported (want {want})"
+        )
+    return config
+
+
+def check_settings(path: Path, config: dict, required: dict[str, Any]) -> None:
+    """Refuses, by name, a setting whose value the diffjax network does not implement (a key
+    that config.json leaves out has diffusers' default, the value in `required`)."""
+    for key, want in required.items():
+        if config.get(key, want) != want:
+            raise PretrainedError(f"{path}: {key}={config[key]!r} is not supported (want {want!r})")
+
+
+def weights_file(directory: Path, class_name: str) -> Path:
+    """`directory`'s safetensors weights; pickled PyTorch files are refused, with the command
+    that converts them."""
+    file = directory / WEIGHTS_FILE
+    if file.is_file():
+        return file
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin"))
+    if any(name.endswith(".safetensors") for name in others):
+        raise PretrainedError(f"{file} is missing (the directory has {', '.join(others)})")
+    if others:
+        raise PretrainedError(
+            f"{file} is missing; {', '.join(others)} (pickled PyTorch) is not read, as unpickling "
+            f"runs code: convert it once with diffusers, `{class_name}.from_pretrained(dir)"
+            ".save_pretrained(dir, safe_serialization=True)`"
+        )
+    raise PretrainedError(f"{file} is missing")
+
+
+def torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A flax param's shape as PyTorch stores it: convs [O, I, H, W], linears [out, in]."""
+    if leaf == "kernel" and len(shape) == 4:
+        return (shape[3], shape[2], shape[0], shape[1])
+    return shape[::-1] if leaf == "kernel" else shape
+
+
+def to_flax(value: np.ndarray, leaf: str) -> np.ndarray:
+    """torch layout → flax: convs [O, I, H, W] → [H, W, I, O], linears [out, in] → [in, out]."""
+    if leaf != "kernel":
+        return value
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+
+
+def to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
+    """The inverse of `to_flax`."""
+    if leaf != "kernel":
+        return value
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+
+
+def torch_name(leaf: str) -> str:
+    return "bias" if leaf == "bias" else "weight"
+
+
+class TensorReader:
+    """Reads named tensors from one safetensors file, one at a time (the file is memory-mapped,
+    so a model never needs all of its weights in host memory at once), and remembers which were
+    read, to refuse a file with tensors the network has no place for."""
+
+    def __init__(self, file: Path):
+        self.file = file
+        try:
+            self._handle = safetensors.safe_open(str(file), framework="numpy")
+            self.names = set(self._handle.keys())
+        except (OSError, safetensors.SafetensorError) as err:
+            raise PretrainedError(f"{file} is corrupt or truncated: {err}") from err
+        self.used: set[str] = set()
+
+    def shape_of(self, name: str) -> tuple[int, ...] | None:
+        """Tensor `name`'s stored shape, read from the header (None if there is no such tensor)."""
+        return tuple(self._handle.get_slice(name).get_shape()) if name in self.names else None
+
+    def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """Tensor `name` (float32), which must have `shape` (PyTorch's layout)."""
+        if name not in self.names:
+            raise PretrainedError(f"{self.file} lacks tensor {name}")
+        try:
+            value = self._handle.get_tensor(name)  # bfloat16 too: jax registers ml_dtypes
+        except (OSError, safetensors.SafetensorError) as err:
+            raise PretrainedError(f"{self.file}: tensor {name} is unreadable: {err}") from err
+        if tuple(value.shape) != tuple(shape):
+            raise PretrainedError(
+                f"{self.file}: tensor {name} has shape {tuple(value.shape)}, expected "
+                f"{tuple(shape)}"
+            )
+        self.used.add(name)
+        return np.asarray(value, np.float32)
+
+    def check_all_used(self) -> None:
+        unexpected = sorted(self.names - self.used)
+        if unexpected:
+            more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+            raise PretrainedError(
+                f"{self.file}: unexpected tensors {', '.join(unexpected[:5])}{more}"
+            )
+
+
+def write_model(directory: Path, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Writes config.json and the safetensors weights as diffusers' `save_pretrained` does; each
+    file is written beside its final name and renamed, so a crash leaves no half-written file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / WEIGHTS_FILE)
+    write_json(directory / CONFIG_FILE, config)
+
+
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
