@@ -1,8 +1,11 @@
 """diffusers UNet2DModel / DDPM pipelines: parity with the reference, import, export, errors."""
 
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import ROOT, cli, one_line_error, run_all
 
 from configs import default
 from diffjax import build, checkpoint, convert, infer, samplers, sharding
@@ -253,3 +257,62 @@ def test_import_refuses_a_workdir_with_checkpoints(imported, tmp_path):
     _, workdir, _ = imported
     with pytest.raises(ValueError, match="already holds checkpoints"):
         convert.import_diffusers(pipeline("a"), str(workdir), base_config())
+
+
+def convert_cli(*flags) -> list[str]:
+    return [sys.executable, "-m", "diffjax.convert", *flags]
+
+
+def test_convert_cli_bad_input_is_one_line(tmp_path):
+    pickled = tmp_path / "pickled"
+    shutil.copytree(pipeline("a"), pickled)
+    (pickled / "unet" / WEIGHTS_FILE).rename(pickled / "unet" / "diffusion_pytorch_model.bin")
+    full = tmp_path / "full"
+    (full / "x").mkdir(parents=True)
+    results = run_all(
+        {
+            "missing": convert_cli("--diffusers=/no/such/dir", f"--workdir={tmp_path / 'w1'}"),
+            "both": convert_cli(
+                f"--diffusers={pipeline('a')}", f"--to_diffusers={full}", "--workdir=w"
+            ),
+            "pickled": convert_cli(f"--diffusers={pickled}", f"--workdir={tmp_path / 'w2'}"),
+            "no_run": convert_cli(f"--to_diffusers={tmp_path / 'o'}", f"--workdir={tmp_path}"),
+        }
+    )
+    one_line_error(results["missing"], "/no/such/dir is not a directory")
+    one_line_error(results["both"], "give one of --diffusers")
+    one_line_error(results["pickled"], "pickled PyTorch", "safe_serialization=True")
+    one_line_error(results["no_run"], "has no config.json")
+    assert not (tmp_path / "w2" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_convert_then_sample_fine_tune_and_export_from_the_cli(tmp_path):
+    """The documented chain: import a pipeline onto the digits config, sample it, fine-tune it
+    for 3 steps on digits, sample again, export it and import the export."""
+    work, data_dir = tmp_path / "w", tmp_path / "tfds"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def run(cmd):
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    base = f"--config={ROOT}/configs/digits.py:tiny"
+    run(convert_cli(f"--diffusers={pipeline('b')}", f"--workdir={work}", base))
+    config_py = str(work / "config.py")
+    fast = ["--config.sampler.name=ddim", "--config.sampler.steps=5", "--num_samples=4"]
+    run(cli(config_py, work, data_dir, "--mode=sample", *fast))
+    assert (work / "samples" / "sample_0000000.png").is_file()
+    done = run(cli(config_py, work, data_dir, "--mode=train", "--config.train.num_steps=3"))
+    assert "no data position (an imported model): fine-tuning" in done.stderr
+    run(cli(config_py, work, data_dir, "--mode=sample", *fast))
+    assert (work / "samples" / "sample_0000003.png").is_file()
+    out = tmp_path / "exported"
+    done = run(convert_cli(f"--to_diffusers={out}", f"--workdir={work}"))
+    assert "from step 3" in done.stdout
+    tuned = safetensors.numpy.load_file(out / "unet" / WEIGHTS_FILE)
+    original = safetensors.numpy.load_file(pipeline("b") / "unet" / WEIGHTS_FILE)
+    assert sorted(tuned) == sorted(original)
+    assert any(not np.array_equal(tuned[k], original[k]) for k in original)  # it trained
+    run(convert_cli(f"--diffusers={out}", f"--workdir={tmp_path / 'again'}", base))
