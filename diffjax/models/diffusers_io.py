@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from diffjax.models.pretrained import PretrainedError
@@ -87,39 +89,84 @@ def torch_name(leaf: str) -> str:
     return "bias" if leaf == "bias" else "weight"
 
 
+# safetensors dtype names → numpy (bfloat16 from ml_dtypes, which jax depends on).
+DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
 class TensorReader:
-    """Reads named tensors from one safetensors file, one at a time (the file is memory-mapped,
-    so a model never needs all of its weights in host memory at once), and remembers which were
-    read, to refuse a file with tensors the network has no place for."""
+    """Reads named tensors from one safetensors file, one at a time, with plain file reads: a
+    model never needs more host memory than its loaded params plus one tensor (a memory map
+    would add every page it touched). Remembers which were read, to refuse a file with tensors
+    the network has no place for.
+
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    data_offsets}}, then the tensors' bytes (row-major, little-endian).
+    """
 
     def __init__(self, file: Path):
         self.file = file
         try:
-            self._handle = safetensors.safe_open(str(file), framework="numpy")
-            self.names = set(self._handle.keys())
-        except (OSError, safetensors.SafetensorError) as err:
+            self._f = open(file, "rb")  # closed by `close` or the with block
+            size = os.fstat(self._f.fileno()).st_size
+            (length,) = struct.unpack("<Q", self._f.read(8))
+            if length > size - 8:
+                raise ValueError(f"its header claims {length} bytes, the file has {size}")
+            header = json.loads(self._f.read(length))
+            header.pop("__metadata__", None)
+            self._start = 8 + length
+            self._entries = {k: self._entry(k, v, size - self._start) for k, v in header.items()}
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
             raise PretrainedError(f"{file} is corrupt or truncated: {err}") from err
+        self.names = set(self._entries)
         self.used: set[str] = set()
 
+    @staticmethod
+    def _entry(name: str, info: dict, data_size: int) -> tuple[Any, tuple[int, ...], int]:
+        dtype, shape = np.dtype(DTYPES[info["dtype"]]), tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+        if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name}'s bytes [{begin}, {end}) do not fit {shape} {dtype}")
+        return dtype, shape, begin
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._f.close()
+
     def shape_of(self, name: str) -> tuple[int, ...] | None:
-        """Tensor `name`'s stored shape, read from the header (None if there is no such tensor)."""
-        return tuple(self._handle.get_slice(name).get_shape()) if name in self.names else None
+        """Tensor `name`'s stored shape, from the header (None if there is no such tensor)."""
+        return self._entries[name][1] if name in self._entries else None
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """Tensor `name` (float32), which must have `shape` (PyTorch's layout)."""
+        """Tensor `name` as float32, which must have `shape` (PyTorch's layout)."""
         if name not in self.names:
             raise PretrainedError(f"{self.file} lacks tensor {name}")
-        try:
-            value = self._handle.get_tensor(name)  # bfloat16 too: jax registers ml_dtypes
-        except (OSError, safetensors.SafetensorError) as err:
-            raise PretrainedError(f"{self.file}: tensor {name} is unreadable: {err}") from err
-        if tuple(value.shape) != tuple(shape):
+        dtype, stored, begin = self._entries[name]
+        if stored != tuple(shape):
             raise PretrainedError(
-                f"{self.file}: tensor {name} has shape {tuple(value.shape)}, expected "
-                f"{tuple(shape)}"
+                f"{self.file}: tensor {name} has shape {stored}, expected {tuple(shape)}"
             )
+        value = np.empty(stored, dtype.newbyteorder("<"))
+        self._f.seek(self._start + begin)
+        if self._f.readinto(value.reshape(-1).view(np.uint8)) != value.nbytes:
+            raise PretrainedError(f"{self.file} is truncated inside tensor {name}")
         self.used.add(name)
-        return np.asarray(value, np.float32)
+        return value.astype(np.float32, copy=False)
 
     def check_all_used(self) -> None:
         unexpected = sorted(self.names - self.used)

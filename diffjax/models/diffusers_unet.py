@@ -280,7 +280,6 @@ def load(
     except ShapeError as err:
         raise PretrainedError(f"{path}: {err}") from err
     blocks = module_names(module, size)
-    reader = io.TensorReader(file)
     shardings = shardings or jax.tree.map(lambda _: None, shapes)
 
     def convert(p, want, where):
@@ -288,8 +287,9 @@ def load(
         value = _read(reader, name, leaf, want.shape).astype(want.dtype)
         return jax.device_put(value, where) if where is not None else jnp.asarray(value)
 
-    params = jax.tree_util.tree_map_with_path(convert, shapes, shardings)
-    reader.check_all_used()
+    with io.TensorReader(file) as reader:
+        params = jax.tree_util.tree_map_with_path(convert, shapes, shardings)
+        reader.check_all_used()
     return module, params, fields
 
 

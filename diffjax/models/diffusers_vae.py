@@ -110,9 +110,9 @@ def load_autoencoder_kl(
         shapes = jax.eval_shape(module.init, jax.random.key(0), image)["params"]
     except ShapeError as err:
         raise PretrainedError(f"{directory / io.CONFIG_FILE}: {err}") from err
-    reader = io.TensorReader(file)
-    params = jax.tree_util.tree_map_with_path(
-        lambda p, s: _convert(tuple(k.key for k in p), reader, s), shapes
-    )
-    reader.check_all_used()
+    with io.TensorReader(file) as reader:
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, s: _convert(tuple(k.key for k in p), reader, s), shapes
+        )
+        reader.check_all_used()
     return module, params, config
