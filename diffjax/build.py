@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +30,7 @@ from diffjax import (
 from diffjax.cond import Cond, Conditioner
 from diffjax.data import captions as captions_lib
 from diffjax.data import tokenizer as tokenizer_lib
-from diffjax.models import pretrained
+from diffjax.models import clip, pretrained
 from diffjax.models.autoencoder import AutoencoderKL
 from diffjax.models.conditioned import TextUNet
 from diffjax.models.discriminator import PatchDiscriminator
@@ -46,7 +47,10 @@ def mesh(config) -> jax.sharding.Mesh:
 
 def context_width(config) -> int:
     """The width of the U-Net's cross-attention context (0: no text)."""
-    return {"": 0, "joint": config.text.width, "minilm": MINILM_WIDTH}[config.text.encoder]
+    tx = config.text
+    if tx.encoder == "clip":
+        return clip.read_config(Path(tx.pretrained_dir))["hidden_size"]
+    return {"": 0, "joint": tx.width, "minilm": MINILM_WIDTH}[tx.encoder]
 
 
 def model(config, latent_channels: int = 0) -> UNet | TextUNet | AutoencoderKL:
@@ -87,7 +91,7 @@ def conditioner(config, image_shape: tuple | None = None) -> Conditioner:
         num_classes=config.model.num_classes,
         drop_prob=config.model.cond_drop_prob,
         context_length=config.text.max_length if text else 0,
-        context_width=MINILM_WIDTH if config.text.encoder == "minilm" else 0,
+        context_width=context_width(config) if text and config.text.encoder != "joint" else 0,
         spatial=config.spatial.kind,
         spatial_factor=config.spatial.factor,
         spatial_fold=fold,
@@ -137,6 +141,11 @@ def text_side(config, workdir: str, table: captions_lib.Captions | None = None):
             )
         side = prompts.TextSide(tokenizer)
         words = list(tokenizer.words)
+    elif tx.encoder == "clip":
+        module, params, _ = clip.load(tx.pretrained_dir)
+        tok = tokenizer_lib.ClipTokenizer(tx.tokenizer_dir, tx.max_length)
+        side = prompts.TextSide(tok, prompts.frozen_encoder(TextEncoder(module, tok), params))
+        words = None
     else:
         directory = tx.pretrained_dir or None
         module, params, _ = pretrained.load_minilm(directory)
@@ -194,6 +203,19 @@ def schedule(config) -> schedules.Schedule:
     kw = {k: v for k, v in kw.items() if v}  # 0: the schedule's own
     return schedules.make_schedule(
         df.schedule, df.num_steps, zero_terminal_snr=df.zero_terminal_snr, **kw
+    )
+
+
+def timestep_table(config, num_train_steps: int) -> np.ndarray:
+    """The sampler's `samplers.timestep_table` for the config's steps, spacing and ends."""
+    s = config.sampler
+    return samplers.timestep_table(
+        num_train_steps,
+        s.steps,
+        s.spacing,
+        s.max_steps,
+        offset=s.get("steps_offset", 0),
+        alpha_to_one=s.get("set_alpha_to_one", True),
     )
 
 
@@ -426,7 +448,7 @@ class Setup:
             shape = (batch_size, *self.image_shape)
             self._noise_fns[batch_size] = sampling.make_noise_fn(self.mesh, shape)
         noise = self._noise_fns[batch_size]
-        table = samplers.timestep_table(self.schedule.num_steps, s.steps, s.spacing, s.max_steps)
+        table = timestep_table(self.config, self.schedule.num_steps)
 
         def sample(params, key, cond: Cond, null_cond: Cond | None = None):
             noise_key, loop_key = jax.random.split(key)

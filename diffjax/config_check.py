@@ -12,7 +12,7 @@ from diffjax import losses, samplers, schedules, sharding, spatial
 from diffjax.models.layers import ShapeError
 from diffjax.train_state import LR_SCHEDULES
 
-TEXT_ENCODERS = ("", "joint", "minilm")
+TEXT_ENCODERS = ("", "joint", "minilm", "clip")
 TASKS = ("diffusion", "classifier", "autoencoder")
 
 
@@ -44,6 +44,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             "diffusion.schedule",
             f"unknown {config.diffusion.schedule!r}; choose one of {sorted(schedules.SCHEDULES)}",
         )
+    s = config.sampler
+    if s.get("steps_offset", 0) and (s.spacing != "leading" or s.steps_offset < 0):
+        fail("sampler.steps_offset", f"{s.steps_offset} needs spacing='leading' and >= 0")
+    if not s.get("set_alpha_to_one", True) and s.name == "ddpm":
+        fail("sampler.set_alpha_to_one", "False is for the DDIM-family samplers, not 'ddpm'")
     df = config.diffusion
     betas = (df.get("beta_start", 0.0), df.get("beta_end", 0.0))
     if any(betas) and df.schedule not in ("linear", "scaled_linear"):
@@ -184,6 +189,12 @@ def _check_text(config, fail) -> None:
         fail("model.context_dim", "is set from config.text.encoder; leave it 0")
     if not tx.encoder:
         return
+    if tx.encoder == "clip" and not (tx.pretrained_dir and tx.get("tokenizer_dir")):
+        fail(
+            "text.pretrained_dir",
+            "text.encoder='clip' needs the CLIPTextModel folder here and the tokenizer's in "
+            "text.tokenizer_dir (a Stable Diffusion pipeline's text_encoder/ and tokenizer/)",
+        )
     if tx.max_length < 2:
         fail("text.max_length", f"must be >= 2 ([CLS] and [SEP]), got {tx.max_length}")
     if not (m.attention_resolutions or m.mid_attention):

@@ -25,8 +25,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from diffjax import build, checkpoint, cli, config_check, latent_setup, losses
+from diffjax.data import tokenizer as tokenizer_lib
+from diffjax.models import clip, diffusers_unet
 from diffjax.models import diffusers_io as io
-from diffjax.models import diffusers_unet
 from diffjax.models.pretrained import PretrainedError
 from diffjax.train_state import TrainState
 
@@ -133,47 +134,89 @@ def from_scheduler(scheduler: dict, path: Path) -> tuple[dict, dict, list[str]]:
         clip_x0=bool(get("clip_sample", name == "ddpm" or name == "ddim")),
         dynamic_threshold=0.0,
     )
-    ignored = {
-        "thresholding": False,
-        "clip_sample_range": 1.0,
-        "steps_offset": 0,
-        "set_alpha_to_one": True,
-    }
+    sampler.update(
+        steps_offset=int(get("steps_offset", 0)) if spacing == "leading" else 0,
+        set_alpha_to_one=bool(get("set_alpha_to_one", True)),
+    )
+    ignored = {"thresholding": False, "clip_sample_range": 1.0}
     for key, default in ignored.items():
         if key in scheduler and scheduler[key] != default:
             notes.append(f"{key}={scheduler[key]!r} is not followed by diffjax's samplers")
     return diffusion, sampler, notes
 
 
-def _components(directory: Path) -> tuple[Path, Path | None]:
-    """The U-Net's folder and the scheduler config of a pipeline or a bare model directory."""
+UNETS = (diffusers_unet.CLASS_NAME, diffusers_unet.CONDITIONED)
+SD_PARTS = ("text_encoder", "tokenizer", "vae")  # besides unet and scheduler
+
+
+def _components(directory: Path) -> dict[str, Path | None]:
+    """The folders of a pipeline's parts ("unet", and "text_encoder", "tokenizer", "vae" for
+    Stable Diffusion) and its scheduler config ("scheduler", None if absent); a bare model
+    directory is the "unet"."""
     if not directory.is_dir():
         raise PretrainedError(f"--diffusers {directory} is not a directory")
+    directory = directory.resolve()  # the workdir's config then works from anywhere
     index = directory / "model_index.json"
-    if index.is_file():
-        components = io.read_json(index)
-        entry = components.get("unet")
-        if not isinstance(entry, list) or len(entry) != 2:
-            raise PretrainedError(f"{index} names no unet component")
-        if entry[1] != diffusers_unet.CLASS_NAME:
+    if not index.is_file():
+        if not (directory / io.CONFIG_FILE).is_file():
             raise PretrainedError(
-                f"{index}: unet is a {entry[1]}; diffjax.convert reads {diffusers_unet.CLASS_NAME}"
-                " pipelines (DDPM, DDIM)"
+                f"--diffusers {directory} has neither model_index.json (a pipeline) nor "
+                "config.json (a model)"
             )
-        if not (directory / "unet").is_dir():
-            raise PretrainedError(f"{directory}: the pipeline's unet/ folder is missing")
-        scheduler = directory / "scheduler" / "scheduler_config.json"
-        if "scheduler" in components and not scheduler.is_file():
-            raise PretrainedError(f"{scheduler} is missing")
-        return directory / "unet", scheduler if scheduler.is_file() else None
-    if not (directory / io.CONFIG_FILE).is_file():
+        own = directory / "scheduler_config.json"
+        sibling = directory.parent / "scheduler" / "scheduler_config.json"
+        scheduler = next((p for p in (own, sibling) if p.is_file()), None)
+        return {"unet": directory, "scheduler": scheduler}
+    components = io.read_json(index)
+    entry = components.get("unet")
+    if not isinstance(entry, list) or len(entry) != 2:
+        raise PretrainedError(f"{index} names no unet component")
+    if entry[1] not in UNETS:
         raise PretrainedError(
-            f"--diffusers {directory} has neither model_index.json (a pipeline) nor config.json "
-            "(a model)"
+            f"{index}: unet is a {entry[1]}; diffjax.convert reads pipelines whose unet is one of "
+            f"{', '.join(UNETS)} (DDPM, DDIM, Stable Diffusion 1.x/2.x)"
         )
-    own = directory / "scheduler_config.json"
-    sibling = directory.parent / "scheduler" / "scheduler_config.json"
-    return directory, next((p for p in (own, sibling) if p.is_file()), None)
+    parts = ("unet", *SD_PARTS) if entry[1] == diffusers_unet.CONDITIONED else ("unet",)
+    out = {}
+    for part in parts:
+        out[part] = directory / part
+        if not out[part].is_dir():
+            raise PretrainedError(f"{directory}: the pipeline's {part}/ folder is missing")
+    scheduler = directory / "scheduler" / "scheduler_config.json"
+    if "scheduler" in components and not scheduler.is_file():
+        raise PretrainedError(f"{scheduler} is missing")
+    out["scheduler"] = scheduler if scheduler.is_file() else None
+    return out
+
+
+def _text_to_image(config: ml_collections.ConfigDict, parts: dict, context_dim: int) -> None:
+    """The text, latent and data sections of a Stable Diffusion pipeline: its CLIP text
+    encoder and tokenizer, its VAE (the latents' scale from its config) and the image size."""
+    text = clip.read_config(parts["text_encoder"])
+    if text["hidden_size"] != context_dim:
+        raise PretrainedError(
+            f"{parts['unet']}: cross_attention_dim={context_dim} but the text encoder's "
+            f"hidden_size is {text['hidden_size']}"
+        )
+    tokenizer = tokenizer_lib.ClipTokenizer(parts["tokenizer"])
+    config.text.update(
+        encoder="clip",
+        pretrained_dir=str(parts["text_encoder"]),
+        tokenizer_dir=str(parts["tokenizer"]),
+        max_length=tokenizer.max_length,
+    )
+    path = parts["vae"] / io.CONFIG_FILE
+    vae = io.read_json(path, ("AutoencoderKL",))
+    factor = 2 ** (len(vae.get("block_out_channels", (64,))) - 1)
+    config.latent.update(
+        diffusers_vae=str(parts["vae"]),
+        scale=float(vae.get("scaling_factor", 0.18215)),
+        autoencoder_workdir="",
+    )
+    config.data.update(
+        image_size=config.data.image_size * factor, channels=vae.get("in_channels", 3)
+    )
+    config.sampler.guidance_scale = 7.5  # Stable Diffusion's pipelines' default
 
 
 def import_diffusers(
@@ -181,37 +224,49 @@ def import_diffusers(
 ) -> ml_collections.ConfigDict:
     """Writes `workdir` (config.json, config.py, a step-0 checkpoint) from a diffusers
     directory; returns the config. `base` provides everything the directory does not say."""
-    unet_dir, scheduler_path = _components(Path(source))
+    parts = _components(Path(source))
     checkpoints = os.path.join(workdir, "checkpoints")
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):
         raise cli.BadInput(f"--workdir {workdir} already holds checkpoints; use a fresh one")
-    path = unet_dir / io.CONFIG_FILE
-    fields = diffusers_unet.from_config(io.read_json(path, (diffusers_unet.CLASS_NAME,)), path)
+    path = parts["unet"] / io.CONFIG_FILE
+    fields = diffusers_unet.from_config(io.read_json(path, UNETS), path)
     config = ml_collections.ConfigDict(base.to_dict())
-    config.model.update(fields["model"])
+    model = dict(fields["model"])
+    context_dim = model.pop("context_dim", 0)  # config.text decides it
+    config.model.update(model)
     config.data.update(image_size=fields["image_size"], channels=fields["in_channels"])
-    if scheduler_path is not None:
-        diffusion, sampler, notes = from_scheduler(io.read_json(scheduler_path), scheduler_path)
+    if context_dim:
+        if fields["in_channels"] != fields["out_channels"]:
+            raise PretrainedError(
+                f"{path}: in_channels={fields['in_channels']} (an inpainting U-Net's extra "
+                "inputs) is not supported yet; use a text-to-image pipeline"
+            )
+        _text_to_image(config, parts, context_dim)
+    if parts["scheduler"] is not None:
+        scheduler = parts["scheduler"]
+        diffusion, sampler, notes = from_scheduler(io.read_json(scheduler), scheduler)
         config.diffusion.update(diffusion)
         config.sampler.update(sampler)
         for note in notes:
-            log.warning("%s: %s", scheduler_path, note)
+            log.warning("%s: %s", scheduler, note)
     else:
         log.warning("%s has no scheduler config: the diffusion section is --config's", source)
-    want = fields["in_channels"] * (2 if config.diffusion.learned_variance else 1)
-    if fields["out_channels"] != want:
+    want = fields["out_channels"] // (2 if config.diffusion.learned_variance else 1)
+    if fields["in_channels"] != want or fields["out_channels"] % want:
         raise PretrainedError(
             f"{path}: out_channels={fields['out_channels']} does not fit in_channels="
-            f"{fields['in_channels']} with learned_variance={config.diffusion.learned_variance} "
-            f"(want {want})"
+            f"{fields['in_channels']} with learned_variance={config.diffusion.learned_variance}"
         )
     config_check.check_config(config)
     setup = build.Setup(config)
-    _, params, _ = diffusers_unet.load(unet_dir, shardings=setup.params_sharding)
+    _, params, _ = diffusers_unet.load(parts["unet"], shardings=setup.params_sharding)
     state = _state_from_params(setup, params)
+    meta = {}
+    if setup.codec is not None:  # what sampling decodes with, as a latent run's checkpoint has
+        meta["latent"] = {"scale": config.latent.scale, "autoencoder": setup.codec.fingerprint}
     os.makedirs(workdir, exist_ok=True)
     ckpt = checkpoint.Checkpointer(checkpoints, config.train.keep_checkpoints)
-    ckpt.save(0, state)
+    ckpt.save(0, state, meta)
     ckpt.close()
     latent_setup.write_run_config(config, workdir)
     if jax.process_index() == 0:
@@ -254,7 +309,7 @@ def export_diffusers(
     ckpt.close()
     params = state.ema_params if which == "ema" else state.params
     d = config.data
-    diffusers_unet.save(out_dir / "unet", setup.model, params, d.image_size, d.channels)
+    diffusers_unet.save(out_dir / "unet", setup.model, params, d.image_size)
     io.write_json(out_dir / "scheduler" / "scheduler_config.json", to_scheduler(config))
     index = {
         "_class_name": "DDPMPipeline",

@@ -179,7 +179,7 @@ class Editor:
 
     def _table(self) -> tuple[np.ndarray, int]:
         s, t = self.setup.config.sampler, self.setup.schedule.num_steps
-        return samplers.timestep_table(t, s.steps, s.spacing, s.max_steps), s.steps
+        return build.timestep_table(self.setup.config, t), s.steps
 
     def _need_spatial(self, kind: str, what: str) -> None:
         have = self.setup.conditioner.spatial

@@ -32,12 +32,15 @@ MIN_ALPHA_BAR = 2.0**-24
 # --- which timesteps ----------------------------------------------------------------------------
 
 
-def timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> np.ndarray:
+def timesteps(
+    num_train_steps: int, steps: int, spacing: str = "uniform", offset: int = 0
+) -> np.ndarray:
     """The `steps` timesteps a sampler visits, in decreasing order (indices into the schedule).
 
     "uniform": evenly from T-1 down to 0, both included (Improved DDPM §4).
     "trailing": T-1, T-1-T/n, … (Lin et al. 2024, Table 2): starts at T-1, never reaches 0.
-    "leading": 0, T/n, … reversed (DDIM, Stable Diffusion): ends at 0, never reaches T-1.
+    "leading": 0, T/n, … reversed (DDIM, Stable Diffusion): ends at 0, never reaches T-1; with
+    `offset` k, every one is k later (Stable Diffusion's schedulers have k = 1).
     """
     if not 1 <= steps <= num_train_steps:
         raise ValueError(f"steps must be in [1, {num_train_steps}] (the schedule's T), got {steps}")
@@ -50,16 +53,26 @@ def timesteps(num_train_steps: int, steps: int, spacing: str = "uniform") -> np.
     elif spacing == "trailing":
         t = np.round(num_train_steps - np.arange(steps) * (num_train_steps / steps)) - 1
     elif spacing == "leading":
-        t = (np.arange(steps) * (num_train_steps // steps))[::-1]
+        t = (np.arange(steps) * (num_train_steps // steps))[::-1] + offset
+        if t[0] >= num_train_steps:
+            raise ValueError(f"offset={offset} moves leading timesteps past T-1")
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
     return np.asarray(t, np.int32)
 
 
 def timestep_table(
-    num_train_steps: int, steps: int, spacing: str = "uniform", max_steps: int | None = None
+    num_train_steps: int,
+    steps: int,
+    spacing: str = "uniform",
+    max_steps: int | None = None,
+    *,
+    offset: int = 0,
+    alpha_to_one: bool = True,
 ) -> np.ndarray:
-    """`timesteps` followed by -1 (the clean image), padded with -1 to `max_steps + 1` entries.
+    """`timesteps` followed by -1 (the clean image, ᾱ = 1), padded with -1 to `max_steps + 1`
+    entries. With `alpha_to_one=False` the last move lands on timestep 0 (ᾱ_0 < 1) instead, as
+    diffusers' DDIM does with `set_alpha_to_one=False` (Stable Diffusion's scheduler).
 
     The compiled samplers take this table and `steps` as traced arguments.
     """
@@ -67,7 +80,9 @@ def timestep_table(
     if steps > max_steps:
         raise ValueError(f"steps={steps} exceeds the compiled sampler's max_steps={max_steps}")
     table = np.full(max_steps + 1, -1, np.int32)
-    table[:steps] = timesteps(num_train_steps, steps, spacing)
+    table[:steps] = timesteps(num_train_steps, steps, spacing, offset)
+    if not alpha_to_one:
+        table[steps] = 0
     return table
 
 

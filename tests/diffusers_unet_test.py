@@ -171,7 +171,8 @@ def test_scheduler_notes_and_refusals():
     _, sampler, notes = convert.from_scheduler(
         dict(_class_name="PNDMScheduler", steps_offset=1, set_alpha_to_one=False), path
     )
-    assert sampler["name"] == "ddim" and len(notes) == 3
+    assert sampler["name"] == "ddim" and len(notes) == 1
+    assert (sampler["steps_offset"], sampler["set_alpha_to_one"]) == (1, False)
     for bad, word in (
         (dict(beta_schedule="sigmoid"), "beta_schedule"),
         (dict(trained_betas=[0.1, 0.2]), "trained_betas"),
@@ -201,7 +202,7 @@ def copy_unet(tmp_path, tensors=None, **config) -> pathlib.Path:
         (dict(block_out_channels=[8, 12, 16]), "multiple of the first"),
         (dict(up_block_types=["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]), "do not mirror"),
         (dict(down_block_types=["CrossAttnDownBlock2D"] * 3), "down_block_types"),
-        (dict(_class_name="UNet2DConditionModel"), "_class_name='UNet2DConditionModel'"),
+        (dict(_class_name="UNet3DConditionModel"), "_class_name='UNet3DConditionModel'"),
         (dict(sample_size=None), "sample_size"),
     ],
 )
@@ -247,7 +248,11 @@ def test_bad_pipelines_are_refused(tmp_path):
     index = json.loads((sd / "model_index.json").read_text())
     index["unet"] = ["diffusers", "UNet2DConditionModel"]
     (sd / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(PretrainedError, match="unet is a UNet2DConditionModel"):
+    with pytest.raises(PretrainedError, match="text_encoder/ folder is missing"):
+        convert.import_diffusers(sd, str(tmp_path / "w3"), base_config())
+    index["unet"] = ["diffusers", "UNet3DConditionModel"]
+    (sd / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(PretrainedError, match="unet is a UNet3DConditionModel"):
         convert.import_diffusers(sd, str(tmp_path / "w3"), base_config())
     with pytest.raises(PretrainedError, match="neither model_index.json"):
         convert.import_diffusers(tmp_path, str(tmp_path / "w4"), base_config())

@@ -161,3 +161,122 @@ class WordTokenizer:
             return cls(spec["words"], spec["max_length"])
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise TokenizerError(f"cannot read the word vocabulary {path}: {err}") from err
+
+
+# CLIP's pre-tokenization (Radford et al. 2021): the two specials, English contractions, runs of
+# letters, single digits, runs of other non-space characters; whitespace is dropped.
+CLIP_SPLIT = (
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+CLIP_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>"}
+CLIP_SPECIALS["pad_token"] = "<|endoftext|>"
+
+
+class ClipTokenizer:
+    """CLIP's byte-level BPE, as Stable Diffusion's `tokenizer/` folder holds it: B strings →
+    (tokens [B, L] int32, mask [B, L] bool), L = `max_length` (the folder's model_max_length,
+    77 for SD).
+
+    Read from vocab.json + merges.txt (SD's own folders), else from tokenizer.json. Each text is
+    NFC-normalised, whitespace runs collapsed, lowercased, split as CLIP splits it, byte-mapped
+    and BPE-merged with the end-of-word mark "</w>"; then framed as <|startoftext|> ...
+    <|endoftext|>, cut to L (keeping the closing token, with a warning) and right-padded with the
+    folder's pad token. Stable Diffusion's U-Net attends to every one of the L positions, padding
+    included, so the mask is all True.
+    """
+
+    def __init__(self, directory: str | Path, max_length: int | None = None):
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise TokenizerError(f"CLIP tokenizer directory {directory} does not exist")
+        settings = {**CLIP_SPECIALS, "model_max_length": 77}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            settings.update(_special_tokens(directory / name))
+        vocab, merges = directory / "vocab.json", directory / "merges.txt"
+        if vocab.is_file() and merges.is_file():
+            tokenizer = _clip_bpe(vocab, merges)
+        elif (directory / "tokenizer.json").is_file():
+            try:
+                tokenizer = tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json"))
+            except Exception as err:  # the Rust library raises plain Exception for any bad file
+                raise TokenizerError(f"{directory}/tokenizer.json is not readable: {err}") from err
+            tokenizer.post_processor = None  # framed below, the same way for both forms
+        else:
+            raise TokenizerError(
+                f"{directory} has neither vocab.json + merges.txt nor tokenizer.json"
+            )
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        self.path = directory
+        self.max_length = int(max_length or settings["model_max_length"])
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} leaves no room for the two specials")
+        ids = {}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            ids[key] = tokenizer.token_to_id(settings[key])
+            if ids[key] is None:
+                raise TokenizerError(f"{directory}: its vocabulary lacks {key} {settings[key]!r}")
+        self.bos_id, self.eos_id, self.pad_id = ids["bos_token"], ids["eos_token"], ids["pad_token"]
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        _check_texts(texts)
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        framed = [[self.bos_id, *e.ids, self.eos_id] for e in encodings]
+        tokens, mask = frame(framed, texts, self.max_length, self.pad_id)
+        return tokens, np.ones_like(mask)
+
+
+def _special_tokens(path: Path) -> dict:
+    """The special tokens and model_max_length a tokenizer folder's JSON file sets (if any)."""
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TokenizerError(f"{path} is not readable JSON: {err}") from err
+    out = {}
+    for key in (*CLIP_SPECIALS, "model_max_length"):
+        value = content.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and (key != "model_max_length" or value < 10**6):
+            out[key] = value
+    return out
+
+
+def _clip_bpe(vocab_file: Path, merges_file: Path) -> tokenizers.Tokenizer:
+    from tokenizers import Regex, models, normalizers, pre_tokenizers
+
+    try:
+        vocab = json.loads(vocab_file.read_text())
+        lines = merges_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as err:
+        raise TokenizerError(
+            f"{vocab_file.parent}: vocab.json or merges.txt unreadable: {err}"
+        ) from err
+    merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+    if any(len(m) != 2 for m in merges):
+        raise TokenizerError(f"{merges_file}: every line must be one pair of symbols")
+    try:
+        model = models.BPE(
+            vocab,
+            merges,
+            unk_token=CLIP_SPECIALS["eos_token"],
+            continuing_subword_prefix="",
+            end_of_word_suffix="</w>",
+            fuse_unk=False,
+        )
+    except Exception as err:  # e.g. a merge whose symbols are not in the vocabulary
+        raise TokenizerError(f"{vocab_file.parent}: not a BPE vocabulary: {err}") from err
+    tokenizer = tokenizers.Tokenizer(model)
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    return tokenizer

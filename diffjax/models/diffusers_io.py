@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,19 @@ def to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
     if leaf != "kernel":
         return value
     return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+
+
+def checkpoint_name(path: tuple[str, ...]) -> str:
+    """The PyTorch tensor behind a param path of a module named after PyTorch's layout.
+
+    An index "_{i}" in a component is PyTorch's ".{i}", components join with ".", and every
+    leaf but "bias" (kernel, scale, embedding) is "weight": ("encoder", "down_blocks_0_resnets_1",
+    "conv1", "kernel") → "encoder.down_blocks.0.resnets.1.conv1.weight"; "to_out_0" → "to_out.0".
+    """
+    *parts, leaf = path
+    index = lambda m: f".{m[1]}." if m[2] else f".{m[1]}"
+    parts = [re.sub(r"_(\d+)(_|$)", index, part) for part in parts]
+    return ".".join([*parts, torch_name(leaf)])
 
 
 def torch_name(leaf: str) -> str:
@@ -177,14 +191,19 @@ class TensorReader:
             )
 
 
-def write_model(directory: Path, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+def write_model(
+    directory: Path,
+    config: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    weights_name: str = WEIGHTS_FILE,
+) -> None:
     """Writes config.json and the safetensors weights as diffusers' `save_pretrained` does; each
     file is written beside its final name and renamed, so a crash leaves no half-written file."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    tmp = directory / (WEIGHTS_FILE + ".tmp")
+    tmp = directory / (weights_name + ".tmp")
     safetensors.numpy.save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / WEIGHTS_FILE)
+    os.replace(tmp, directory / weights_name)
     write_json(directory / CONFIG_FILE, config)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +40,6 @@ def _read_config(path: Path) -> dict[str, Any]:
     return {**LATENT_DEFAULTS, **config}
 
 
-def checkpoint_name(path: tuple[str, ...]) -> str:
-    """The diffusers tensor behind an AutoencoderKL param path.
-
-    An index "_{i}" in a component is diffusers' ".{i}", components join with ".", and kernel /
-    scale are "weight": ("encoder", "down_blocks_0_resnets_1", "conv1", "kernel") →
-    "encoder.down_blocks.0.resnets.1.conv1.weight"; "to_out_0" → "to_out.0".
-    """
-    *parts, leaf = path
-    index = lambda m: f".{m[1]}." if m[2] else f".{m[1]}"
-    parts = [re.sub(r"_(\d+)(_|$)", index, part) for part in parts]
-    return ".".join([*parts, "bias" if leaf == "bias" else "weight"])
-
-
 def _legacy_name(name: str) -> str | None:
     """The pre-0.15 name of a middle-block attention projection's tensor, else None."""
     module, leaf = name.rsplit(".", 1)
@@ -66,7 +52,7 @@ def _legacy_name(name: str) -> str | None:
 def _convert(
     path: tuple[str, ...], reader: io.TensorReader, want: jax.ShapeDtypeStruct
 ) -> jnp.ndarray:
-    name, stored = checkpoint_name(path), io.torch_shape(path[-1], want.shape)
+    name, stored = io.checkpoint_name(path), io.torch_shape(path[-1], want.shape)
     legacy = _legacy_name(name)
     if name not in reader.names and legacy in reader.names:
         name = legacy

@@ -23,6 +23,7 @@ from diffjax.models.transformer import SpatialTransformer
 
 Array = jnp.ndarray
 LABEL_INIT = nn.initializers.normal(1.0)
+TRANSFORMER_NORM_EPS = 1e-6
 
 
 class UNet(nn.Module):
@@ -156,18 +157,26 @@ class UNet(nn.Module):
         block_kw = dict(num_groups=self.num_groups, norm_eps=self.norm_eps, **kw)
         counts = {}
 
-        def block(cls, *args, static_argnums=()):
+        def block(cls, *args, static_argnums=(), **override):
             # Named as Flax would name them unwrapped, so remat does not rename parameters.
             index = counts[cls.__name__] = counts.get(cls.__name__, -1) + 1
             if self.remat:
                 cls = nn.remat(cls, static_argnums=static_argnums)
-            return cls(*args, **block_kw, name=f"{cls.__name__.removeprefix('Checkpoint')}_{index}")
+            name = f"{cls.__name__.removeprefix('Checkpoint')}_{index}"
+            return cls(*args, **{**block_kw, **override}, name=name)
 
         def attn(h):
             if not self.context_dim:
                 return block(AttentionBlock, self.head_dim)(h)
             heads = self._heads(h.shape[-1])
-            st = block(SpatialTransformer, heads, h.shape[-1] // heads, self.transformer_depth)
+            # Its GroupNorm's eps is 1e-6 whatever norm_eps is, as in Stable Diffusion.
+            st = block(
+                SpatialTransformer,
+                heads,
+                h.shape[-1] // heads,
+                self.transformer_depth,
+                norm_eps=TRANSFORMER_NORM_EPS,
+            )
             return st(h, cond.context, cond.context_mask)
 
         # static_argnums counts self: (self, x, temb, train) → train is 3.

@@ -1,0 +1,179 @@
+"""Stable Diffusion 1.x pipelines: CLIP tokenizer and text encoder, UNet2DConditionModel, and the
+whole guided DDIM sample against diffusers; import, export and refusals."""
+
+import json
+import logging
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from configs import default
+from diffjax import build, convert, infer, sharding
+from diffjax.cond import Cond
+from diffjax.data.tokenizer import ClipTokenizer, TokenizerError
+from diffjax.models import clip, diffusers_unet
+from diffjax.models.diffusers_io import CONFIG_FILE, WEIGHTS_FILE
+from diffjax.models.pretrained import PretrainedError
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+PIPELINE = FIXTURES / "tiny_sd"
+
+
+@pytest.fixture(scope="module")
+def golden():
+    with np.load(FIXTURES / "tiny_sd_golden.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("sd")
+    base = default.get_config()
+    base.mesh.data = 2  # the golden batch of 2 over two devices
+    return workdir, convert.import_diffusers(PIPELINE, str(workdir), base)
+
+
+@pytest.mark.parametrize("form", ["vocab.json + merges.txt", "tokenizer.json"])
+def test_clip_tokenizer_ids_match_transformers(golden, tmp_path, form, caplog):
+    directory = tmp_path / "tokenizer"
+    shutil.copytree(PIPELINE / "tokenizer", directory)
+    if form == "tokenizer.json":
+        (directory / "vocab.json").unlink()
+    else:
+        (directory / "tokenizer.json").unlink()
+    tokenizer = ClipTokenizer(directory)
+    with caplog.at_level(logging.WARNING):
+        ids, mask = tokenizer([str(p) for p in golden["prompts"]])
+    np.testing.assert_array_equal(ids, golden["ids"])
+    assert ids.shape == (len(golden["prompts"]), 77) and mask.all()  # SD attends to all 77
+    assert "text 5" in caplog.text and "truncated" in caplog.text
+
+
+def test_clip_text_encoder_matches_transformers(golden):
+    module, params, _ = clip.load(PIPELINE / "text_encoder")
+    hidden = jax.jit(module.apply)({"params": params}, jnp.asarray(golden["ids"], jnp.int32))
+    np.testing.assert_allclose(np.asarray(hidden), golden["hidden"], atol=1e-4, rtol=0)
+
+
+def test_conditioned_unet_matches_diffusers(golden):
+    module, params, fields = diffusers_unet.load(PIPELINE / "unet")
+    assert (module.num_heads, module.context_dim, module.head_dim) == (4, 32, None)
+    context = jnp.asarray(golden["hidden"][:2])
+    cond = Cond(context=context, context_mask=jnp.ones(context.shape[:2], bool))
+    t = jnp.asarray(golden["t"], jnp.int32)
+    out = jax.jit(module.apply)({"params": params}, golden["x"], t, cond)
+    np.testing.assert_allclose(np.asarray(out), golden["unet_out"], atol=1e-4, rtol=0)
+
+
+def test_imported_pipeline_config(imported):
+    workdir, config = imported
+    assert config.text.encoder == "clip" and config.text.max_length == 77
+    assert pathlib.Path(config.text.pretrained_dir) == (PIPELINE / "text_encoder").resolve()
+    assert pathlib.Path(config.latent.diffusers_vae) == (PIPELINE / "vae").resolve()
+    assert config.latent.scale == 0.18215 and config.data.image_size == 16
+    s = config.sampler
+    assert (s.name, s.spacing, s.steps_offset, s.guidance_scale) == ("ddim", "leading", 1, 7.5)
+    assert (config.diffusion.schedule, config.model.context_dim) == ("scaled_linear", 0)
+
+
+@pytest.mark.parametrize("alpha_to_one", [True, False])
+def test_guided_ddim_sample_matches_the_diffusers_pipeline(imported, golden, alpha_to_one):
+    """20 DDIM steps (leading, offset 1) with guidance 7.5 on two prompts against the empty
+    prompt, from the pipeline's latents, then the VAE decode: StableDiffusionPipeline's output."""
+    workdir, config = imported
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.sampler.update(steps=20, set_alpha_to_one=alpha_to_one)
+    setup, ema, _ = infer.load_ema(config, str(workdir))
+    setup.load_text(str(workdir))
+    cond = setup.prompt_cond(setup.text_side, [str(p) for p in golden["prompts"][:2]])
+    null = infer.null_cond(setup, 2, None)
+    table = build.timestep_table(config, config.diffusion.num_steps)
+    np.testing.assert_array_equal(table[:21], [*range(951, 0, -50), 0 if not alpha_to_one else -1])
+    x_T = sharding.from_global(golden["latents"], sharding.batch_sharded(setup.mesh))
+    fn = setup.sample_program()
+    out = fn(ema, x_T, cond, jax.random.key(0), table, 20, 0.0, 7.5, null_cond=null,
+             **setup.guidance_args())  # fmt: skip
+    want = golden["final_latents" if alpha_to_one else "final_latents_alpha0"]
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-3, rtol=0)
+    if alpha_to_one:
+        images = np.clip((np.asarray(setup.decode(out)) + 1.0) / 2.0, 0.0, 1.0)
+        np.testing.assert_allclose(images, golden["images"], atol=1e-3, rtol=0)
+
+
+def test_conditioned_unet_export_round_trips_bit_for_bit(tmp_path):
+    """diffjax → diffusers → diffjax gives the same params; the export writes SD 1's 1x1-conv
+    projections as linear ones (use_linear_projection), the same map."""
+    module, params, fields = diffusers_unet.load(PIPELINE / "unet")
+    diffusers_unet.save(tmp_path / "unet", module, params, fields["image_size"])
+    config = json.loads((tmp_path / "unet" / CONFIG_FILE).read_text())
+    assert config["_class_name"] == "UNet2DConditionModel" and config["use_linear_projection"]
+    again, params_again, _ = diffusers_unet.load(tmp_path / "unet")
+    assert again == module
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_again), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    original = safetensors.numpy.load_file(PIPELINE / "unet" / WEIGHTS_FILE)
+    written = safetensors.numpy.load_file(tmp_path / "unet" / WEIGHTS_FILE)
+    assert sorted(original) == sorted(written)
+    for name, value in original.items():
+        assert np.array_equal(written[name].reshape(value.shape), value), name
+
+
+def copy_pipeline(tmp_path) -> pathlib.Path:
+    directory = tmp_path / "sd"
+    shutil.copytree(PIPELINE, directory)
+    return directory
+
+
+def edit_json(path: pathlib.Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_bad_pipelines_are_refused(tmp_path):
+    base = default.get_config()
+    missing = copy_pipeline(tmp_path / "1")
+    shutil.rmtree(missing / "text_encoder")
+    with pytest.raises(PretrainedError, match="text_encoder/ folder is missing"):
+        convert.import_diffusers(missing, str(tmp_path / "w1"), base)
+    wide = copy_pipeline(tmp_path / "2")
+    edit_json(wide / "text_encoder" / CONFIG_FILE, hidden_size=48)
+    with pytest.raises(PretrainedError, match="cross_attention_dim=32 but the text encoder"):
+        convert.import_diffusers(wide, str(tmp_path / "w2"), base)
+    inpaint = copy_pipeline(tmp_path / "3")
+    edit_json(inpaint / "unet" / CONFIG_FILE, in_channels=9)
+    with pytest.raises(PretrainedError, match="in_channels=9"):
+        convert.import_diffusers(inpaint, str(tmp_path / "w3"), base)
+    for change, words in (
+        (dict(model_type="bert"), "model_type='bert' is not a CLIP text model"),
+        (dict(hidden_act="relu"), "hidden_act='relu' is not supported"),
+    ):
+        broken = copy_pipeline(tmp_path / words[:8])
+        edit_json(broken / "text_encoder" / CONFIG_FILE, **change)
+        with pytest.raises(PretrainedError, match=words):
+            clip.load(broken / "text_encoder")
+    for change, words in (
+        (dict(addition_embed_type="text_time"), "addition_embed_type='text_time'"),
+        (dict(attention_head_dim=[1, 4]), "attention_head_dim"),
+        (dict(cross_attention_dim=[32, 32]), "cross_attention_dim"),
+    ):
+        broken = copy_pipeline(tmp_path / words[:8])
+        edit_json(broken / "unet" / CONFIG_FILE, **change)
+        with pytest.raises(PretrainedError, match=words):
+            diffusers_unet.load(broken / "unet")
+
+
+def test_bad_tokenizer_folders_are_refused(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TokenizerError, match="neither vocab.json"):
+        ClipTokenizer(empty)
+    odd = tmp_path / "odd"
+    shutil.copytree(PIPELINE / "tokenizer", odd)
+    edit_json(odd / "tokenizer_config.json", pad_token="<|notthere|>")
+    with pytest.raises(TokenizerError, match="lacks pad_token '<|notthere|>'"):
+        ClipTokenizer(odd)
