@@ -14,7 +14,7 @@ import pytest
 import safetensors.numpy
 
 from configs import default
-from diffjax import build, convert, infer, sharding
+from diffjax import build, infer, pipelines, sharding
 from diffjax.cond import Cond
 from diffjax.data.tokenizer import ClipTokenizer, TokenizerError
 from diffjax.models import clip, diffusers_unet
@@ -36,7 +36,7 @@ def imported(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("sd")
     base = default.get_config()
     base.mesh.data = 2  # the golden batch of 2 over two devices
-    return workdir, convert.import_diffusers(PIPELINE, str(workdir), base)
+    return workdir, pipelines.import_diffusers(PIPELINE, str(workdir), base)
 
 
 @pytest.mark.parametrize("form", ["vocab.json + merges.txt", "tokenizer.json"])
@@ -139,15 +139,15 @@ def test_bad_pipelines_are_refused(tmp_path):
     missing = copy_pipeline(tmp_path / "1")
     shutil.rmtree(missing / "text_encoder")
     with pytest.raises(PretrainedError, match="text_encoder/ folder is missing"):
-        convert.import_diffusers(missing, str(tmp_path / "w1"), base)
+        pipelines.import_diffusers(missing, str(tmp_path / "w1"), base)
     wide = copy_pipeline(tmp_path / "2")
     edit_json(wide / "text_encoder" / CONFIG_FILE, hidden_size=48)
     with pytest.raises(PretrainedError, match="cross_attention_dim=32 but the text encoder"):
-        convert.import_diffusers(wide, str(tmp_path / "w2"), base)
+        pipelines.import_diffusers(wide, str(tmp_path / "w2"), base)
     inpaint = copy_pipeline(tmp_path / "3")
     edit_json(inpaint / "unet" / CONFIG_FILE, in_channels=9)
     with pytest.raises(PretrainedError, match="in_channels=9"):
-        convert.import_diffusers(inpaint, str(tmp_path / "w3"), base)
+        pipelines.import_diffusers(inpaint, str(tmp_path / "w3"), base)
     for change, words in (
         (dict(model_type="bert"), "model_type='bert' is not a CLIP text model"),
         (dict(hidden_act="relu"), "hidden_act='relu' is not supported"),

@@ -16,7 +16,7 @@ import safetensors.numpy
 from conftest import ROOT, cli, one_line_error, run_all
 
 from configs import default
-from diffjax import build, checkpoint, convert, infer, samplers, sharding
+from diffjax import build, checkpoint, infer, pipelines, samplers, sharding
 from diffjax.cond import Cond
 from diffjax.models import diffusers_unet
 from diffjax.models.diffusers_io import CONFIG_FILE, WEIGHTS_FILE
@@ -45,7 +45,7 @@ def base_config():
 def imported(request, tmp_path_factory):
     """(case, workdir, config) of each fixture pipeline imported with `convert`."""
     workdir = tmp_path_factory.mktemp(f"imported_{request.param}")
-    config = convert.import_diffusers(pipeline(request.param), str(workdir), base_config())
+    config = pipelines.import_diffusers(pipeline(request.param), str(workdir), base_config())
     return request.param, workdir, config
 
 
@@ -102,7 +102,7 @@ def test_export_round_trips_bit_for_bit(imported, tmp_path):
     U-Net configs say the same; importing the export gives the same params."""
     case, workdir, config = imported
     out = tmp_path / "exported"
-    assert convert.export_diffusers(str(workdir), str(out)) == 0
+    assert pipelines.export_diffusers(str(workdir), str(out)) == 0
     original = safetensors.numpy.load_file(pipeline(case) / "unet" / WEIGHTS_FILE)
     written = safetensors.numpy.load_file(out / "unet" / WEIGHTS_FILE)
     assert sorted(written) == sorted(original)
@@ -114,7 +114,7 @@ def test_export_round_trips_bit_for_bit(imported, tmp_path):
         differing = {k for k in after if k in before and after[k] != before[k]}
         assert not differing - {"_diffusers_version"}, differing
     assert json.loads((out / "model_index.json").read_text())["unet"][1] == "UNet2DModel"
-    again = convert.import_diffusers(out, str(tmp_path / "again"), base_config())
+    again = pipelines.import_diffusers(out, str(tmp_path / "again"), base_config())
     assert again.to_dict() == config.to_dict()
     _, params_a, _ = diffusers_unet.load(pipeline(case) / "unet")
     _, params_b, _ = diffusers_unet.load(out / "unet")
@@ -157,7 +157,7 @@ def test_scheduler_betas_match_diffusers_formulas(schedule, steps, start, end):
         beta_start=start,
         beta_end=end,
     )
-    diffusion, _, _ = convert.from_scheduler(scheduler, pathlib.Path("s.json"))
+    diffusion, _, _ = pipelines.from_scheduler(scheduler, pathlib.Path("s.json"))
     config = default.get_config()
     config.diffusion.update(diffusion)
     betas = np.asarray(build.schedule(config).betas, np.float64)
@@ -168,7 +168,7 @@ def test_scheduler_betas_match_diffusers_formulas(schedule, steps, start, end):
 
 def test_scheduler_notes_and_refusals():
     path = pathlib.Path("scheduler_config.json")
-    _, sampler, notes = convert.from_scheduler(
+    _, sampler, notes = pipelines.from_scheduler(
         dict(_class_name="PNDMScheduler", steps_offset=1, set_alpha_to_one=False), path
     )
     assert sampler["name"] == "ddim" and len(notes) == 1
@@ -179,7 +179,7 @@ def test_scheduler_notes_and_refusals():
         (dict(variance_type="learned"), "variance_type"),
     ):
         with pytest.raises(PretrainedError, match=word):
-            convert.from_scheduler(bad, path)
+            pipelines.from_scheduler(bad, path)
 
 
 def copy_unet(tmp_path, tensors=None, **config) -> pathlib.Path:
@@ -237,31 +237,31 @@ def test_bad_pipelines_are_refused(tmp_path):
     shutil.copytree(pipeline("a"), broken)
     shutil.rmtree(broken / "unet")
     with pytest.raises(PretrainedError, match="unet/ folder is missing"):
-        convert.import_diffusers(broken, str(tmp_path / "w1"), base_config())
+        pipelines.import_diffusers(broken, str(tmp_path / "w1"), base_config())
     no_scheduler = tmp_path / "no_scheduler"
     shutil.copytree(pipeline("a"), no_scheduler)
     (no_scheduler / "scheduler" / "scheduler_config.json").unlink()
     with pytest.raises(PretrainedError, match="scheduler_config.json is missing"):
-        convert.import_diffusers(no_scheduler, str(tmp_path / "w2"), base_config())
+        pipelines.import_diffusers(no_scheduler, str(tmp_path / "w2"), base_config())
     sd = tmp_path / "sd"
     shutil.copytree(pipeline("a"), sd)
     index = json.loads((sd / "model_index.json").read_text())
     index["unet"] = ["diffusers", "UNet2DConditionModel"]
     (sd / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(PretrainedError, match="text_encoder/ folder is missing"):
-        convert.import_diffusers(sd, str(tmp_path / "w3"), base_config())
+        pipelines.import_diffusers(sd, str(tmp_path / "w3"), base_config())
     index["unet"] = ["diffusers", "UNet3DConditionModel"]
     (sd / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(PretrainedError, match="unet is a UNet3DConditionModel"):
-        convert.import_diffusers(sd, str(tmp_path / "w3"), base_config())
+        pipelines.import_diffusers(sd, str(tmp_path / "w3"), base_config())
     with pytest.raises(PretrainedError, match="neither model_index.json"):
-        convert.import_diffusers(tmp_path, str(tmp_path / "w4"), base_config())
+        pipelines.import_diffusers(tmp_path, str(tmp_path / "w4"), base_config())
 
 
 def test_import_refuses_a_workdir_with_checkpoints(imported, tmp_path):
     _, workdir, _ = imported
     with pytest.raises(ValueError, match="already holds checkpoints"):
-        convert.import_diffusers(pipeline("a"), str(workdir), base_config())
+        pipelines.import_diffusers(pipeline("a"), str(workdir), base_config())
 
 
 def convert_cli(*flags) -> list[str]:

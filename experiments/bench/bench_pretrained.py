@@ -61,7 +61,7 @@ def child(directory: str, batch: int, steps: int) -> None:
 
     sys.path.insert(0, ROOT)
     from configs import default
-    from diffjax import convert, infer, samplers, sharding
+    from diffjax import infer, pipelines, samplers, sharding
     from diffjax.cond import Cond
     from diffjax.models import diffusers_unet
 
@@ -79,7 +79,7 @@ def child(directory: str, batch: int, steps: int) -> None:
     param_mib = sum(x.nbytes for x in jax.tree.leaves(params)) / 2**20
     del params
     with tempfile.TemporaryDirectory() as workdir:
-        config = convert.import_diffusers(directory, workdir, default.get_config())
+        config = pipelines.import_diffusers(directory, workdir, default.get_config())
         config.sampler.update(name="ddim", steps=steps, spacing="leading", max_steps=steps)
         setup, ema, _ = infer.load_ema(config, workdir)
     table = samplers.timestep_table(config.diffusion.num_steps, steps, "leading", steps)
