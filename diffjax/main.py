@@ -17,6 +17,8 @@ from diffjax import (
     editor,
     infer,
     latent,
+    latent_setup,
+    pipelines,
     reconstruct,
     train,
 )
@@ -124,7 +126,15 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
     "verbose", False, f"Full tracebacks on errors, for bug reports (or {cli.VERBOSE_ENV}=1)."
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_string(
+    "pretrained",
+    None,
+    "Instead of --config: a diffusers pipeline directory (DDPM or Stable Diffusion), imported "
+    "into --workdir on first use (as `python -m diffjax.convert` does); every mode then uses it.",
+)
+flags.mark_flags_as_required(["workdir"])
+# diffjax's own configs/ folder: the base of a --pretrained import (its data, train, optim).
+DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.py")
 
 
 def main(argv):
@@ -133,10 +143,10 @@ def main(argv):
     # Our progress messages at INFO; the libraries' (Orbax, tfds) chatter only from WARNING up.
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("diffjax").setLevel(logging.INFO)
-    config = FLAGS.config
 
     def body():
-        _check_flags()
+        config = _config()
+        _check_flags(config)
         _init_distributed(FLAGS.cpu_devices or config.mesh.cpu_devices)
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
@@ -198,16 +208,39 @@ def _edit(config) -> list[str]:
     )  # fmt: skip
 
 
-def _check_flags() -> None:
+def _config():
+    """--config's config, or --pretrained's: the workdir's, importing the pipeline first."""
+    if FLAGS.pretrained is None:
+        if FLAGS.config is None:
+            raise cli.BadInput(
+                "--config is required (a config file such as configs/digits.py), or "
+                "--pretrained DIR (a diffusers pipeline)"
+            )
+        return FLAGS.config
+    if FLAGS["config"].present:
+        raise cli.BadInput(
+            "--pretrained and --config: give one (the config of --pretrained comes from the "
+            "pipeline; import it with `python -m diffjax.convert --config ...` for another base)"
+        )
+    if not os.path.isfile(os.path.join(FLAGS.workdir, latent.CONFIG_FILE)):
+        if not os.path.isfile(DEFAULT_BASE):
+            raise cli.BadInput(f"--pretrained needs diffjax's {DEFAULT_BASE}; it is missing")
+        cli.check_writable_dir(FLAGS.workdir, "--workdir")
+        base = cli.load_config_file(DEFAULT_BASE)
+        pipelines.import_diffusers(FLAGS.pretrained, FLAGS.workdir, base)
+    return latent_setup.read_run_config(FLAGS.workdir)
+
+
+def _check_flags(config) -> None:
     """The flags that the config checks cannot see, refused before anything is built."""
     if FLAGS.step is not None and FLAGS.step < 0:
         raise cli.BadInput(f"--step={FLAGS.step}: a checkpoint step is >= 0")
     if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
         raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
-    sp, lt = FLAGS.config.sampler, FLAGS.config.latent
+    sp, lt = config.sampler, config.latent
     guided = bool(sp.classifier_workdir or sp.classifier_config)
-    _check_label(FLAGS.label, FLAGS.config.model.num_classes, guided)
-    _check_prompts(FLAGS.config.text.encoder)
+    _check_label(FLAGS.label, config.model.num_classes, guided)
+    _check_prompts(config.text.encoder)
     edit_only = ("edit", "mask", "strength", "extend", "target_workdir")
     used = [f"--{n}" for n in edit_only if getattr(FLAGS, n) is not None]
     if FLAGS.mode != "edit" and used:

@@ -3,13 +3,17 @@ whole guided DDIM sample against diffusers; import, export and refusals."""
 
 import json
 import logging
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import PIL.Image
 import pytest
 import safetensors.numpy
 
@@ -177,3 +181,39 @@ def test_bad_tokenizer_folders_are_refused(tmp_path):
     edit_json(odd / "tokenizer_config.json", pad_token="<|notthere|>")
     with pytest.raises(TokenizerError, match="lacks pad_token '<|notthere|>'"):
         ClipTokenizer(odd)
+
+
+@pytest.mark.slow
+def test_pretrained_pipeline_samples_and_edits_from_the_cli(tmp_path):
+    """`--pretrained DIR` imports on first use and samples by prompt; the workdir's config.py
+    then drives an img2img edit under a prompt, with overrides."""
+    work = tmp_path / "w"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+    def run(*flags):
+        cmd = [sys.executable, "-m", "diffjax.main", f"--workdir={work}", *flags]
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run(f"--pretrained={PIPELINE}", "--mode=sample", "--prompt=a photo of a cat", "--num_samples=2")
+    with np.load(work / "samples" / "sample_0000000.npz") as f:
+        assert (
+            f["images"].shape == (2, 16, 16, 3) and list(f["prompts"]) == ["a photo of a cat"] * 2
+        )
+    image = tmp_path / "in.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)).save(
+        image
+    )
+    out = tmp_path / "out.png"
+    run(
+        f"--config={work / 'config.py'}",
+        "--config.sampler.steps=10",
+        "--mode=edit",
+        "--edit=img2img",
+        "--strength=0.5",
+        "--prompt=a dog",
+        f"--input={image}",
+        f"--output={out}",
+    )
+    assert PIL.Image.open(out).size == (16, 16)
