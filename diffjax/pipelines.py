@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ import ml_collections
 
 from diffjax import build, checkpoint, cli, config_check, latent_setup, losses
 from diffjax.data import tokenizer as tokenizer_lib
-from diffjax.models import clip, diffusers_unet
+from diffjax.models import clip, diffusers_unet, diffusers_vae
 from diffjax.models import diffusers_io as io
 from diffjax.models.pretrained import PretrainedError
 from diffjax.train_state import TrainState
@@ -281,26 +282,60 @@ def _state_from_params(setup: build.Setup, params: Any) -> TrainState:
 def export_diffusers(
     workdir: str, out: str, step: int | None = None, which: str = "ema", overwrite: bool = False
 ) -> int:
-    """Writes a workdir's checkpoint as a diffusers DDPMPipeline directory; returns the step."""
+    """Writes a workdir's checkpoint in diffusers' format; returns the step. A pixel-space
+    diffusion run becomes a DDPMPipeline; a Stable Diffusion run (an imported pipeline,
+    fine-tuned or not) a StableDiffusionPipeline whose text encoder, tokenizer and VAE are
+    copied from the folders it was imported from; an autoencoder run an AutoencoderKL folder."""
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise cli.BadInput(f"--to_diffusers {out} exists and is not empty; pass --overwrite")
     config = latent_setup.read_run_config(workdir)
-    if config.task != "diffusion" or latent_setup.is_latent(config):
-        raise cli.BadInput("--to_diffusers writes pixel-space diffusion U-Nets (UNet2DModel)")
+    stable_diffusion = config.text.encoder == "clip" and bool(config.latent.diffusers_vae)
+    if config.task == "diffusion" and latent_setup.is_latent(config) and not stable_diffusion:
+        raise cli.BadInput(
+            "--to_diffusers writes pixel-space U-Nets, Stable Diffusion pipelines (text.encoder="
+            "clip with a diffusers VAE) and autoencoders; this latent run is none of them"
+        )
+    if config.task not in ("diffusion", "autoencoder"):
+        raise cli.BadInput(f"--to_diffusers: a task={config.task!r} run has no diffusers layout")
     setup = build.Setup(config)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
     state, _, restored = ckpt.restore(setup.abstract_state, step)
     ckpt.close()
     params = state.ema_params if which == "ema" else state.params
-    d = config.data
-    diffusers_unet.save(out_dir / "unet", setup.model, params, d.image_size)
-    io.write_json(out_dir / "scheduler" / "scheduler_config.json", to_scheduler(config))
-    index = {
-        "_class_name": "DDPMPipeline",
-        "unet": ["diffusers", diffusers_unet.CLASS_NAME],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-    }
+    if config.task == "autoencoder":
+        diffusers_vae.save(out_dir, setup.model, params["autoencoder"])
+        return restored
+    diffusers_unet.save(out_dir / "unet", setup.model, params, setup.image_shape[0])
+    scheduler = to_scheduler(config)
+    index = {"unet": ["diffusers", diffusers_unet.CLASS_NAME]}
+    if stable_diffusion:
+        scheduler.update(
+            _class_name="DDIMScheduler",
+            steps_offset=config.sampler.steps_offset,
+            set_alpha_to_one=config.sampler.set_alpha_to_one,
+        )
+        sources = dict(
+            text_encoder=config.text.pretrained_dir,
+            tokenizer=config.text.tokenizer_dir,
+            vae=config.latent.diffusers_vae,
+        )
+        for part, source in sources.items():
+            shutil.copytree(source, out_dir / part, dirs_exist_ok=True)
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", diffusers_unet.CONDITIONED],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+    else:
+        index["_class_name"] = "DDPMPipeline"
+    index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+    io.write_json(out_dir / "scheduler" / "scheduler_config.json", scheduler)
     io.write_json(out_dir / "model_index.json", index)
     return restored
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from diffjax.models import diffusers_io as io
 from diffjax.models.autoencoder import AutoencoderKL, from_diffusers_config
@@ -102,3 +103,32 @@ def load_autoencoder_kl(
         )
         reader.check_all_used()
     return module, params, config
+
+
+def save(directory: str | Path, module: AutoencoderKL, params: dict) -> None:
+    """Writes an AutoencoderKL and its params as a diffusers `AutoencoderKL` folder (float32).
+
+    The latent scale is not the autoencoder's own (diffjax estimates it per latent run, which
+    keeps it in its checkpoint), so config.json leaves `scaling_factor` at diffusers' default:
+    set it to the latent run's scale before using the folder as a pipeline's vae/.
+    """
+    levels = len(module.block_out_channels)
+    config = {
+        "_class_name": CLASS_NAME,
+        "in_channels": module.in_channels,
+        "out_channels": module.out_channels,
+        "block_out_channels": list(module.block_out_channels),
+        "layers_per_block": module.layers_per_block,
+        "latent_channels": module.latent_channels,
+        "norm_num_groups": module.num_groups,
+        "mid_block_add_attention": module.mid_attention,
+        "down_block_types": [BLOCK_TYPES["down_block_types"]] * levels,
+        "up_block_types": [BLOCK_TYPES["up_block_types"]] * levels,
+        **CONFIG_REQUIRED,
+    }
+    tensors = {}
+    for path, value in jax.tree_util.tree_leaves_with_path(params):
+        path = tuple(k.key for k in path)
+        value = np.asarray(jax.device_get(value), np.float32)
+        tensors[io.checkpoint_name(path)] = io.to_torch(value, path[-1])
+    io.write_model(Path(directory), config, tensors)
