@@ -87,6 +87,8 @@ def conditioner(config, image_shape: tuple | None = None) -> Conditioner:
     size, c = config.data.image_size, config.data.channels
     fold = size // image_shape[0] if image_shape else 1
     c_spatial = (c + (config.spatial.kind == "inpaint")) * fold * fold
+    if config.spatial.kind == "inpaint_encoded":  # made on the latent grid, not folded
+        c_spatial = 1 + image_shape[-1]
     return Conditioner(
         num_classes=config.model.num_classes,
         drop_prob=config.model.cond_drop_prob,

@@ -149,7 +149,10 @@ class Conditioner:
                     concat=concat)  # fmt: skip
 
     def fold(self, concat: Array) -> Array:
-        """A spatial condition at the images' size → the network's input (`concat_shape`)."""
+        """A spatial condition at the images' size → the network's input (`concat_shape`);
+        "inpaint_encoded" conditions are made on the latent grid already."""
+        if self.spatial == "inpaint_encoded":
+            return concat
         return spatial.fold(concat, self.spatial_fold)
 
     def spatial_of(self, images: Array, key: Array | None = None) -> Array:
@@ -157,6 +160,11 @@ class Conditioner:
         (`fold` takes it to a latent model's grid)."""
         if self.spatial == "upscale":
             return spatial.upscale_condition(images, self.spatial_factor)
+        if self.spatial == "inpaint_encoded":
+            raise ValueError(
+                "spatial.kind='inpaint_encoded' conditions need the autoencoder: an imported "
+                "Stable Diffusion inpainting model samples and edits, it is not trained here yet"
+            )
         key = jax.random.key(0) if key is None else key
         mask = spatial.random_masks(key, images.shape[0], images.shape[1:3])
         return spatial.inpaint_condition(images, mask)

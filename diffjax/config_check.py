@@ -157,6 +157,9 @@ def _check_spatial(config, fail) -> None:
         return
     if config.task != "diffusion":
         fail("spatial.kind", f"is for diffusion models, not task={config.task!r}")
+    latent = bool(config.latent.autoencoder_workdir or config.latent.diffusers_vae)
+    if sp.kind == "inpaint_encoded" and not latent:
+        fail("spatial.kind", "'inpaint_encoded' is a latent model's (Stable Diffusion inpainting)")
     if sp.kind == "upscale" and (sp.factor < 2 or size % sp.factor):
         fail("spatial.factor", f"must be >= 2 and divide data.image_size={size}, got {sp.factor}")
 

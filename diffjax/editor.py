@@ -82,7 +82,13 @@ class Editor:
         images, keep = self._check_images(images), self._check_mask(mask, images)
         table, steps = self._table()
         x_T = self._noise(len(images), jax.random.fold_in(key, 1))
-        if method == "trained":
+        if method == "trained" and self.setup.conditioner.spatial == "inpaint_encoded":
+            # Stable Diffusion's inpainting models: the mask and the masked image's latents.
+            masked = sharding.to_host(self._to_model(images * keep))[: len(images)]
+            factor = self.setup.conditioner.spatial_fold
+            concat = spatial.encoded_inpaint_condition(1.0 - keep, masked, factor)
+            out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)
+        elif method == "trained":
             self._need_spatial("inpaint", "--method=trained")
             concat = self.setup.conditioner.fold(spatial.inpaint_condition(images, 1.0 - keep))
             out = self._sample(x_T, key, table, steps, label=label, prompt=prompt, concat=concat)

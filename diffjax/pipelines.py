@@ -222,12 +222,16 @@ def import_diffusers(
     config.model.update(model)
     config.data.update(image_size=fields["image_size"], channels=fields["in_channels"])
     if context_dim:
-        if fields["in_channels"] != fields["out_channels"]:
+        z = fields["out_channels"]
+        if fields["in_channels"] == 2 * z + 1:  # SD inpainting: latents, mask, masked latents
+            config.spatial.kind = "inpaint_encoded"
+        elif fields["in_channels"] != z:
             raise PretrainedError(
-                f"{path}: in_channels={fields['in_channels']} (an inpainting U-Net's extra "
-                "inputs) is not supported yet; use a text-to-image pipeline"
+                f"{path}: in_channels={fields['in_channels']} is not supported (want "
+                f"out_channels={z}, or {2 * z + 1} for an inpainting U-Net)"
             )
         _text_to_image(config, parts, context_dim)
+        fields["in_channels"] = z
     if parts["scheduler"] is not None:
         scheduler = parts["scheduler"]
         diffusion, sampler, notes = from_scheduler(io.read_json(scheduler), scheduler)

@@ -6,7 +6,9 @@ import jax
 import jax.numpy as jnp
 
 Array = jnp.ndarray
-KINDS = ("upscale", "inpaint")
+# "inpaint_encoded": Stable Diffusion's inpainting layout, [the mask on the latent grid, the
+# masked image's latents] (`encoded_inpaint_condition`), for imported SD inpainting U-Nets.
+KINDS = ("upscale", "inpaint", "inpaint_encoded")
 
 
 def low_res(images: Array, factor: int) -> Array:
@@ -33,6 +35,14 @@ def inpaint_condition(images: Array, mask: Array) -> Array:
     """[the image with the regenerated region blanked (0, mid-grey), the mask]: C + 1 channels,
     the input of a trained inpainting U-Net (as Stable Diffusion's inpainting model takes)."""
     return jnp.concatenate([images * (1.0 - mask), mask], axis=-1)
+
+
+def encoded_inpaint_condition(mask: Array, masked_latents: Array, factor: int) -> Array:
+    """Stable Diffusion's inpainting input (Rombach et al. 2022, §4.5; diffusers'
+    StableDiffusionInpaintPipeline): the mask [B, H, W, 1] taken to the latent grid by nearest
+    neighbour (each f × f block's top-left pixel, as torch's `interpolate` does), then the
+    latents [B, H/f, W/f, z] of the image with the regenerated region blanked: 1 + z channels."""
+    return jnp.concatenate([mask[:, ::factor, ::factor], masked_latents], axis=-1)
 
 
 def fold(x: Array, factor: int) -> Array:

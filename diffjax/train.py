@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffjax import build, checkpoint, data, latent_setup, sharding, tasks
+from diffjax import build, checkpoint, config_check, data, latent_setup, sharding, tasks
 from diffjax.metrics import MetricWriter
 from diffjax.train_state import TrainState
 
@@ -56,6 +56,11 @@ def _check_finite(pending: list[tuple[int, Array]], last_saved: int | None) -> l
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (resuming from the workdir's newest checkpoint), logs, samples and checkpoints."""
     setup = build.Setup(config)
+    if setup.conditioner.spatial == "inpaint_encoded":
+        raise config_check.ConfigError(
+            "config.spatial.kind='inpaint_encoded' (an imported Stable Diffusion inpainting "
+            "model) samples and edits; fine-tuning it is not supported yet"
+        )
     tr = config.train
     d = config.data
     os.makedirs(workdir, exist_ok=True)

@@ -18,7 +18,7 @@ import pytest
 import safetensors.numpy
 
 from configs import default
-from diffjax import build, infer, pipelines, sharding
+from diffjax import build, editor, infer, latent, pipelines, sharding, spatial, train
 from diffjax.cond import Cond
 from diffjax.data.tokenizer import ClipTokenizer, TokenizerError
 from diffjax.models import clip, diffusers_unet, diffusers_vae
@@ -255,3 +255,69 @@ def test_autoencoder_export_round_trips_bit_for_bit(tmp_path):
     assert all(np.array_equal(written[k], v) for k, v in original.items())
     again, params_again, _ = diffusers_vae.load_autoencoder_kl(tmp_path / "vae")
     assert again == module
+
+
+@pytest.fixture(scope="module")
+def inpainting(tmp_path_factory):
+    """tiny_sd_inpaint/ completed with tiny_sd/'s text encoder, tokenizer and VAE, imported."""
+    root = tmp_path_factory.mktemp("sd_inpaint")
+    directory = root / "pipeline"
+    shutil.copytree(FIXTURES / "tiny_sd_inpaint", directory)
+    for part in ("text_encoder", "tokenizer", "vae"):
+        shutil.copytree(PIPELINE / part, directory / part)
+    base = default.get_config()
+    base.mesh.data = 2
+    workdir = root / "workdir"
+    return workdir, pipelines.import_diffusers(directory, str(workdir), base)
+
+
+def test_inpainting_pipeline_matches_diffusers(inpainting, golden):
+    """A 9-input-channel SD inpainting U-Net: the masked image's latents (the VAE's mean ×
+    scale) and the guided DDIM-20 inpainting from the pipeline's latents match
+    StableDiffusionInpaintPipeline; the Editor's trained inpainting keeps the known pixels."""
+    workdir, config = inpainting
+    assert config.spatial.kind == "inpaint_encoded" and config.data.channels == 3
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.sampler.steps = 20
+    setup, ema, _ = infer.load_ema(config, str(workdir))
+    setup.load_text(str(workdir))
+    images, mask = golden["inpaint_image"], golden["inpaint_mask"]
+    put = lambda a: sharding.from_global(np.asarray(a), sharding.batch_sharded(setup.mesh))
+    encode = latent.make_encode_fn(setup.codec.module, setup.mesh)
+    mean, _ = encode(setup.codec.params, put(images * (1.0 - mask)))
+    masked = np.asarray(mean) * config.latent.scale
+    np.testing.assert_allclose(masked, golden["inpaint_masked_latents"], atol=1e-4, rtol=0)
+    concat = put(spatial.encoded_inpaint_condition(mask, masked, 2))
+    cond = setup.prompt_cond(setup.text_side, [str(p) for p in golden["prompts"][:2]])
+    null = infer.null_cond(setup, 2, None).replace(concat=concat)
+    table = build.timestep_table(config, config.diffusion.num_steps)
+    out = setup.sample_program()(
+        ema, put(golden["inpaint_latents"]), cond.replace(concat=concat), jax.random.key(0), table,
+        20, 0.0, 7.5, null_cond=null, **setup.guidance_args(),
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out), golden["inpaint_final_latents"], atol=1e-3, rtol=0)
+    edited = editor.Editor(setup, ema).inpaint(
+        images, mask, jax.random.key(1), method="trained", prompt="a photo of a cat"
+    )
+    assert edited.shape == images.shape and np.isfinite(edited).all()
+    np.testing.assert_array_equal(np.where(mask > 0.5, 0.0, edited - images), 0.0)
+
+
+def test_inpainting_model_refuses_training(inpainting):
+    workdir, config = inpainting
+    with pytest.raises(ValueError, match="fine-tuning it is not supported yet"):
+        train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["ddpm", "dpm_solver_pp", "heun"])
+def test_every_sampler_runs_on_stable_diffusion(imported, sampler):
+    workdir, config = imported
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.sampler.update(name=sampler, steps=4, steps_offset=0, spacing="uniform")
+    setup, ema, _ = infer.load_ema(config, str(workdir))
+    setup.load_text(str(workdir))
+    cond = setup.prompt_cond(setup.text_side, ["a photo of a cat"] * 2)
+    x = setup.sample_fn(2)(ema, jax.random.key(0), cond, infer.null_cond(setup, 2, None))
+    images = np.asarray(setup.decode(x))
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()

@@ -10,6 +10,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -321,3 +322,17 @@ def test_convert_then_sample_fine_tune_and_export_from_the_cli(tmp_path):
     assert sorted(tuned) == sorted(original)
     assert any(not np.array_equal(tuned[k], original[k]) for k in original)  # it trained
     run(convert_cli(f"--diffusers={out}", f"--workdir={tmp_path / 'again'}", base))
+
+
+def test_bfloat16_and_float16_checkpoints_load_upcast(tmp_path):
+    """Half-precision checkpoints load into float32 params holding exactly their values."""
+    tensors = safetensors.numpy.load_file(pipeline("a") / "unet" / WEIGHTS_FILE)
+    _, want, _ = diffusers_unet.load(pipeline("a") / "unet")
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        half = {k: v.astype(dtype) for k, v in tensors.items()}
+        _, params, _ = diffusers_unet.load(copy_unet(tmp_path / np.dtype(dtype).name, half))
+        for p, q in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+            assert p.dtype == jnp.float32
+            np.testing.assert_array_equal(
+                np.asarray(p), np.asarray(q).astype(dtype).astype(np.float32)
+            )
