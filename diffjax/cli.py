@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -27,6 +28,17 @@ def fail(message: str, code: int, exc: BaseException | None = None) -> None:
     sys.stderr.write(f"diffjax: {message}\n")
     sys.stderr.flush()
     raise SystemExit(code)
+
+
+def start(argv: list[str]) -> None:
+    """An entry point's first lines: stray arguments refused; diffjax's progress messages at
+    INFO, the libraries' (Orbax, tfds) chatter only from WARNING up."""
+    from absl import logging as absl_logging
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)", BAD_INPUT)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("diffjax").setLevel(logging.INFO)
 
 
 def one_line(e: BaseException) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 
 from absl import app, flags
-from absl import logging as absl_logging
 
 from diffjax import checkpoint, cli, config_check, latent_setup, pipelines
 from diffjax.models.pretrained import PretrainedError
@@ -39,10 +38,7 @@ flags.mark_flag_as_required("workdir")
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)", cli.BAD_INPUT)
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("diffjax").setLevel(logging.INFO)
+    cli.start(argv)
 
     def body():
         if bool(FLAGS.diffusers) == bool(FLAGS.to_diffusers):

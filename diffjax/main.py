@@ -5,7 +5,6 @@ import os
 
 import jax
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from diffjax import (
@@ -138,11 +137,7 @@ DEFAULT_BASE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs
 
 
 def main(argv):
-    if len(argv) > 1:
-        cli.fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)", cli.BAD_INPUT)
-    # Our progress messages at INFO; the libraries' (Orbax, tfds) chatter only from WARNING up.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("diffjax").setLevel(logging.INFO)
+    cli.start(argv)
 
     def body():
         config = _config()

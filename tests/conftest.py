@@ -62,6 +62,22 @@ def one_line_error(result, *words) -> str:
     return lines[0]
 
 
+def copy_model_dir(source, target, tensors=None, **config):
+    """A copy of a diffusers model folder, with other tensors and/or config.json fields."""
+    import json
+    import shutil
+
+    import safetensors.numpy
+
+    shutil.copytree(source, target)
+    if tensors is not None:
+        safetensors.numpy.save_file(tensors, target / "diffusion_pytorch_model.safetensors")
+    if config:
+        content = json.loads((target / "config.json").read_text())
+        (target / "config.json").write_text(json.dumps({**content, **config}))
+    return target
+
+
 def record_digests(builder) -> dict:
     """sha256 of each array_record file a prepared tfds builder wrote (determinism checks)."""
     import hashlib

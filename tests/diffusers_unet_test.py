@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
-from conftest import ROOT, cli, one_line_error, run_all
+from conftest import ROOT, cli, copy_model_dir, one_line_error, run_all
 
 from configs import default
 from diffjax import build, checkpoint, infer, pipelines, samplers, sharding
@@ -184,14 +184,7 @@ def test_scheduler_notes_and_refusals():
 
 
 def copy_unet(tmp_path, tensors=None, **config) -> pathlib.Path:
-    directory = tmp_path / "unet"
-    shutil.copytree(pipeline("a") / "unet", directory)
-    if tensors is not None:
-        safetensors.numpy.save_file(tensors, directory / WEIGHTS_FILE)
-    if config:
-        content = json.loads((directory / CONFIG_FILE).read_text())
-        (directory / CONFIG_FILE).write_text(json.dumps({**content, **config}))
-    return directory
+    return copy_model_dir(pipeline("a") / "unet", tmp_path / "unet", tensors, **config)
 
 
 @pytest.mark.parametrize(

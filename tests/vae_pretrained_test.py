@@ -1,14 +1,13 @@
 """diffusers AutoencoderKL loader: parity with the reference, legacy names, loader errors."""
 
-import json
 import pathlib
-import shutil
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+from conftest import copy_model_dir
 
 from diffjax.models.diffusers_io import CONFIG_FILE, WEIGHTS_FILE
 from diffjax.models.diffusers_vae import load_autoencoder_kl
@@ -44,14 +43,7 @@ def max_error(actual, expected) -> float:
 
 def copy_model(tmp_path, tensors=None, **config):
     """A copy of the fixture directory, with other tensors and/or config.json fields."""
-    directory = tmp_path / "vae"
-    shutil.copytree(MODEL_DIR, directory)
-    if tensors is not None:
-        safetensors.numpy.save_file(tensors, directory / WEIGHTS_FILE)
-    if config:
-        content = json.loads((directory / CONFIG_FILE).read_text())
-        (directory / CONFIG_FILE).write_text(json.dumps({**content, **config}))
-    return directory
+    return copy_model_dir(MODEL_DIR, tmp_path / "vae", tensors, **config)
 
 
 def test_posterior_matches_reference(vae, golden):
