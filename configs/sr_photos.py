@@ -21,6 +21,10 @@ def get_config(arg: str | None = None):
         base_channels=64, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=()
     )
     config.spatial.update(kind="upscale", factor=4)
+    # v-prediction: at high noise an ε-network need only return x_t, a v-network must name the
+    # image, which only the condition knows; 8 → 32 on photos after 1500 steps: 22.9 dB and
+    # consistency 6 with DDIM 50, against 10.5 dB and 79 with ε (README, "Image editing").
+    config.diffusion.target = "v"
     config.optim.update(lr=2e-4, warmup_steps=200, lr_schedule="cosine")
     config.train.update(batch_size=16, num_steps=20000, checkpoint_every_steps=1000,
                         num_samples=16, eval_batch_size=16)  # fmt: skip
