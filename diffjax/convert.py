@@ -16,14 +16,10 @@ autoencoder run.
 
 from __future__ import annotations
 
-import logging
-
 from absl import app, flags
 
 from diffjax import checkpoint, cli, config_check, latent_setup, pipelines
 from diffjax.models.pretrained import PretrainedError
-
-log = logging.getLogger("diffjax")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("diffusers", None, "A diffusers pipeline or UNet2DModel directory to import.")
