@@ -99,8 +99,8 @@ def from_scheduler(scheduler: dict, path: Path) -> tuple[dict, dict, list[str]]:
         loss="hybrid" if learned else "simple",
     )
     if kind in BETA_DEFAULTS:
-        betas = (float(get("beta_start", BETA_DEFAULTS[kind][0])), float(get("beta_end", 0.02)))
-        betas = betas if kind == "linear" else (betas[0], float(get("beta_end", 0.012)))
+        keys = ("beta_start", "beta_end")
+        betas = tuple(float(get(k, d)) for k, d in zip(keys, BETA_DEFAULTS[kind], strict=True))
         # diffjax's linear β are given for T = 1000 and rescaled by 1000 / T; diffusers' are not.
         scale = steps / 1000 if kind == "linear" else 1.0
         if betas != BETA_DEFAULTS[kind] or scale != 1.0:
@@ -113,7 +113,7 @@ def from_scheduler(scheduler: dict, path: Path) -> tuple[dict, dict, list[str]]:
     sampler = dict(
         name=name,
         steps=sampler_steps or steps,
-        max_steps=max(sampler_steps or steps, 1000 if steps >= 1000 else steps),
+        max_steps=max(sampler_steps or steps, min(steps, 1000)),
         spacing=spacing,
         eta=0.0,
         variance=fixed,
