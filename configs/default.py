@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
         train_split="train",  # tfds split to train on.
         eval_split="test",  # tfds split for --mode=eval.
         image_size=32,  # Images are resized to image_size x image_size.
+        resize="bicubic",  # The resizing filter: bicubic | bilinear | nearest | box.
         channels=3,  # 1 (grey) or 3 (RGB).
         random_flip=True,  # Random horizontal flips.
         worker_count=0,  # grain worker processes; 0 = read in the main process.
@@ -41,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         time_freq_shift=1.0,  # Time embedding: frequencies 10⁴^(-i/(C/2 - shift)) (DDPM: 1).
         time_flip_sin_to_cos=False,  # Time embedding: cosines first (diffusers' UNet2DModel).
         downsample_padding=0,  # Stride-2 convs pad 0: bottom/right (DDPM), 1: all sides.
+        patch_size=1,  # p > 1: p x p patches folded into channels; every level at 1/p the side.
         num_classes=0,  # >0: class-conditional on the dataset's labels (its ClassLabel's count).
         classifier_classes=0,  # task=classifier: logits over this many classes (encoder half).
         cond_drop_prob=0.1,  # Conditional models: train on the null condition this often (CFG).
@@ -133,6 +135,7 @@ def get_config() -> ml_collections.ConfigDict:
         log_every_steps=500,  # Loss to TensorBoard and metrics.jsonl.
         checkpoint_every_steps=10_000,  # Orbax checkpoint cadence.
         keep_checkpoints=3,  # Checkpoints kept on disk.
+        init_from="",  # A run's workdir: a fresh run starts from its EMA parameters (fine-tune).
         sample_every_steps=50_000,  # PNG grid of EMA samples (0 = only at the end).
         num_samples=64,  # Samples per grid.
         eval_batch_size=128,  # Batch for --mode=eval.

@@ -2,17 +2,37 @@
 
     python -m diffjax.main --config configs/digits.py --workdir runs/digits
 
-On a 2-core CPU this trains for under 10 minutes (9 min 50 s on an AMD EPYC with AVX2, about
-half that on an Intel Xeon with AVX-512) and writes recognizable digits to runs/digits/samples/
-(a PNG grid every `train.sample_every_steps` and at the end; the whole command ~13 min there).
+The default job: 1600 steps of batch 64 on 2x2-nearest-upsampled digits, with a U-Net that folds
+2x2 patches into channels (`model.patch_size=2`: its levels run at 8, 4 and 2), so a step costs
+about half of the full-resolution network's. Training takes ~3.5 min on a 2-core AMD EPYC with
+AVX-512 (see the README for the other CPUs) and writes recognizable digits to
+runs/digits/samples/ (a PNG grid every `train.sample_every_steps` and at the end).
 Variants: `configs/digits.py:tiny` is a seconds-long smoke-test setting used by the tests;
 `configs/digits.py:hybrid` learns the reverse variances with the hybrid loss (Improved DDPM).
+`base()` is the earlier recipe (bicubic 16x16, a full-resolution U-Net, 1000 steps at lr 1e-3)
+that the class, text, latent, inpainting, super-resolution and autoencoder digits configs start
+from, as their README figures were measured with it.
 """
 
 from configs import default
 
 
 def get_config(arg: str | None = None):
+    config = base(arg)
+    if arg in (None, "", "hybrid"):
+        # The 8x8 digits as exact 2x2 blocks (as the diffusers peer trains on them), a U-Net on
+        # folded 2x2 patches (~2x faster steps: 1600 fit where 1000 did), a higher rate. With the
+        # peer's samplers: DDPM-1000 confidence 0.953 / FD 2.36 and DDIM-50 0.924 / 1.82 at
+        # N = 512, against the full-resolution 1000-step recipe's 0.931 and 0.924 (README).
+        config.data.resize = "nearest"
+        config.model.patch_size = 2
+        config.optim.lr = 3e-3  # 2e-3 and 5e-3 scored the same (README)
+        config.train.num_steps = 1600
+    return config
+
+
+def base(arg: str | None = None):
+    """The earlier default recipe; `get_config` changes what differs."""
     config = default.get_config()
     config.data.update(name="digits", image_size=16, channels=1, random_flip=False)
     config.model.update(

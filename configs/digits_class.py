@@ -18,7 +18,7 @@ from configs import digits
 
 
 def get_config(arg: str | None = None):
-    config = digits.get_config("tiny" if arg == "tiny" else None)
+    config = digits.base("tiny" if arg == "tiny" else None)
     config.diffusion.min_snr_gamma = 0.0  # as its README figures were measured
     config.model.update(num_classes=10, cond_drop_prob=0.1)
     config.sampler.update(guidance_scale=2.0)

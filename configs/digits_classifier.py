@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
         raise ValueError(
             f"unknown variant {arg!r} of configs/digits_classifier.py; use '' or 'tiny'"
         )
-    config = digits.get_config("tiny" if arg == "tiny" else None)
+    config = digits.base("tiny" if arg == "tiny" else None)
     config.task = "classifier"
     config.model.update(classifier_classes=10, dropout=0.1)
     if arg != "tiny":

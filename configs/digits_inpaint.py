@@ -14,6 +14,6 @@ from configs import digits
 def get_config(arg: str | None = None):
     if arg not in (None, "", "tiny"):
         raise ValueError(f"unknown variant {arg!r} of configs/digits_inpaint.py; use '' or 'tiny'")
-    config = digits.get_config(arg or None)
+    config = digits.base(arg or None)
     config.spatial.kind = "inpaint"
     return config

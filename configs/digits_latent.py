@@ -37,7 +37,7 @@ def get_config(arg: str | None = None):
     elif arg.startswith("class"):
         config = digits_class.get_config(tiny)
     else:
-        config = digits.get_config(tiny)
+        config = digits.base(tiny)
     config.data.image_size = 16 if tiny else 32
     config.latent.update(autoencoder_workdir="runs/vae_digits", cache=True)
     if tiny:

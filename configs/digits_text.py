@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
         raise ValueError(
             f"unknown variant {arg!r} of configs/digits_text.py; use one of {VARIANTS}"
         )
-    config = digits.get_config("tiny" if arg.endswith("tiny") else None)
+    config = digits.base("tiny" if arg.endswith("tiny") else None)
     config.diffusion.min_snr_gamma = 0.0  # as its README figures were measured
     config.model.update(num_heads=4, cond_drop_prob=0.1, pooled_context=True)
     if not arg.endswith("tiny"):

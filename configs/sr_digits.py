@@ -15,7 +15,7 @@ from configs import digits
 def get_config(arg: str | None = None):
     if arg not in (None, "", "tiny"):
         raise ValueError(f"unknown variant {arg!r} of configs/sr_digits.py; use '' or 'tiny'")
-    config = digits.get_config(arg or None)
+    config = digits.base(arg or None)
     config.spatial.update(kind="upscale", factor=4)
     if not arg:
         config.data.image_size = 32

@@ -21,7 +21,7 @@ def get_config(arg: str | None = None):
     tiny = arg == "tiny"
     # The digits recipe (optimizer, cadence, the tiny variant's settings); the network is the
     # `autoencoder` section, the `model` section is unused.
-    config = digits.get_config("tiny" if tiny else None)
+    config = digits.base("tiny" if tiny else None)
     config.task = "autoencoder"
     config.data.image_size = 16 if tiny else 32
     config.autoencoder.update(

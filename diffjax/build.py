@@ -239,15 +239,19 @@ def prediction(config) -> samplers.Prediction:
     return samplers.Prediction(df.target, df.learned_variance, s.clip_x0, s.dynamic_threshold)
 
 
-def images_of(source, image_size: int, channels: int, labels: list | None = None):
-    """`(lo, hi) -> float32 images [hi - lo, S, S, C]` of a source's examples lo..hi-1; their
-    labels are appended to `labels` when it is given."""
+def images_of(
+    source, image_size: int, channels: int, labels: list | None = None, resize: str = "bicubic"
+):
+    """`(lo, hi) -> float32 images [hi - lo, S, S, C]` of a source's examples lo..hi-1 (resized
+    with the `resize` filter); their labels are appended to `labels` when it is given."""
 
     def read(lo, hi):
         records = source.__getitems__(range(lo, hi))
         if labels is not None:
             labels.extend(r["label"] for r in records)
-        return np.stack([data.preprocess_image(r["image"], image_size, channels) for r in records])
+        return np.stack(
+            [data.preprocess_image(r["image"], image_size, channels, resize) for r in records]
+        )
 
     return read
 

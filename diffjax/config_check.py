@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from diffjax import losses, samplers, schedules, sharding, spatial
+from diffjax.data.pipeline import RESIZE
 from diffjax.models.layers import ShapeError
 from diffjax.train_state import LR_SCHEDULES
 
@@ -29,6 +30,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     m, d, tr = config.model, config.data, config.train
     if d.channels not in (1, 3):
         fail("data.channels", f"must be 1 or 3, got {d.channels}")
+    if d.resize not in RESIZE:
+        fail("data.resize", f"unknown {d.resize!r}; choose one of {sorted(RESIZE)}")
     if d.name == "image_folder" and not d.folder:
         fail("data.folder", "data.name='image_folder' needs the path of your image directory")
     if not 0.0 <= m.dropout < 1.0:

@@ -150,7 +150,8 @@ def spatial_conditions(setup: Setup, num: int) -> np.ndarray | None:
         return None
     d = setup.config.data
     source = build.open_split(setup.config, d.eval_split)
-    images = build.images_of(source, d.image_size, d.channels)(0, min(num, len(source)))
+    read = build.images_of(source, d.image_size, d.channels, resize=d.resize)
+    images = read(0, min(num, len(source)))
     images = np.resize(images, (num, *images.shape[1:]))
     return np.asarray(c.spatial_of(jnp.asarray(images)))
 
@@ -264,6 +265,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, step: int | None =
         channels=d.channels,
         batch_size=config.train.eval_batch_size,
         captions=captions,
+        resize=d.resize,
     )
     eval_step = make_eval_step(
         setup.model,

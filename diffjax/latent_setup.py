@@ -25,6 +25,8 @@ def is_latent(config) -> bool:
 # Config sections added after runs were first written, with the values that mean "not used":
 # the config.json of an older run gets them on reading, so it loads as what it was.
 SECTIONS_ADDED_LATER = {"spatial": {"kind": "", "factor": 4}}
+# Fields added later, at the values that reproduce what older runs did.
+FIELDS_ADDED_LATER = {"data": {"resize": "bicubic"}, "model": {"patch_size": 1}}
 
 
 def read_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -43,6 +45,9 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         raise LatentError(f"{path} is corrupt ({err})") from None
     for section, off in SECTIONS_ADDED_LATER.items():  # a run written before they existed
         stored.setdefault(section, dict(off))
+    for section, fields in FIELDS_ADDED_LATER.items():
+        for field, value in fields.items():
+            stored.setdefault(section, {}).setdefault(field, value)
     return ml_collections.ConfigDict(stored)
 
 
@@ -158,11 +163,11 @@ def latent_cache(config, codec: Codec, source, data_dir: str, encode) -> dict:
         from diffjax import build
 
         labels = []  # filled by the reading pass, so no image is decoded twice
-        images_of = build.images_of(source, d.image_size, d.channels, labels)
+        images_of = build.images_of(source, d.image_size, d.channels, labels, d.resize)
         mean, std = encode(images_of, len(source))
         views = [mean], [std]
         if d.random_flip:
-            flipped = build.images_of(source, d.image_size, d.channels)
+            flipped = build.images_of(source, d.image_size, d.channels, resize=d.resize)
             fm, fs = encode(lambda lo, hi: flipped(lo, hi)[:, :, ::-1], len(source))
             views[0].append(fm)
             views[1].append(fs)
@@ -199,7 +204,7 @@ def prepare_training(setup, source, data_state: dict | None, data_dir: str, capt
         cache = latent_cache(config, setup.codec, source, data_dir, encode)
         posterior = lambda n: (cache["mean"][:n, 0], cache["std"][:n, 0])
     else:
-        read = build.images_of(source, d.image_size, d.channels)
+        read = build.images_of(source, d.image_size, d.channels, resize=d.resize)
         posterior = lambda n: encode(read, n)
     meta = scale_for_training(config, setup.codec, data_state, posterior, len(source))
     setup.set_latent_scale(meta)

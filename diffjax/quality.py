@@ -22,12 +22,15 @@ def _raw() -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.cache
-def real_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def real_digits(
+    split: str, image_size: int, resize: str = "bicubic"
+) -> tuple[np.ndarray, np.ndarray]:
     """Real digits exactly as the model saw them: stored uint8, then `preprocess_image`.
 
     Args:
       split: 'train' or 'test' (`diffjax.data.digits.split_indices`).
-      image_size: side S the model was trained at (8: the stored pixels; 16: bicubic upsampled).
+      image_size: side S the model was trained at (8: the stored pixels; 16: upsampled).
+      resize: the model's `data.resize` filter (bicubic by default; nearest: exact 2x2 blocks).
 
     Returns:
       images float32 [N, S, S, 1] in [-1, 1] and labels int [N], both read-only (cached).
@@ -35,7 +38,7 @@ def real_digits(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     images, labels = _raw()
     indices = digits_lib.split_indices(labels)[split]
     stored = digits_lib.to_uint8(images[indices])[..., None]
-    out = np.stack([preprocess_image(image, image_size, 1) for image in stored])
+    out = np.stack([preprocess_image(image, image_size, 1, resize) for image in stored])
     out.setflags(write=False)
     return out, labels[indices]
 
@@ -162,14 +165,14 @@ def label_stats(grid: np.ndarray) -> dict:
 
 
 @functools.cache
-def _reference(image_size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def _reference(image_size: int, resize: str = "bicubic") -> tuple[np.ndarray, np.ndarray, dict]:
     """Train features, test features and test label stats of real digits at image_size."""
-    train = to_digit_grid(real_digits("train", image_size)[0])
-    test = to_digit_grid(real_digits("test", image_size)[0])
+    train = to_digit_grid(real_digits("train", image_size, resize)[0])
+    test = to_digit_grid(real_digits("test", image_size, resize)[0])
     return features(train), features(test), label_stats(test)
 
 
-def real_distance(n: int, image_size: int) -> float:
+def real_distance(n: int, image_size: int, resize: str = "bicubic") -> float:
     """Mean FD of REAL_DRAWS real train subsamples of size n vs the real test split.
 
     FD is biased upwards by roughly O(D / n), so this is the value a perfect model reaches at n.
@@ -181,20 +184,23 @@ def real_distance(n: int, image_size: int) -> float:
     Returns:
       The mean Fréchet distance.
     """
-    train, test, _ = _reference(image_size)
+    train, test, _ = _reference(image_size, resize)
     rng = np.random.default_rng(SEED)
     n = min(n, len(train))
     draws = [train[rng.choice(len(train), n, replace=False)] for _ in range(REAL_DRAWS)]
     return float(np.mean([feature_distance(draw, test) for draw in draws]))
 
 
-def digits_quality(samples: np.ndarray, image_size: int | None = None) -> dict:
+def digits_quality(
+    samples: np.ndarray, image_size: int | None = None, resize: str = "bicubic"
+) -> dict:
     """Scores generated digits against the real test split, beside real data's own score.
 
     Args:
       samples: [N, H, H, 1] in [-1, 1], H a multiple of 8 (the .npz 'images' of --mode=sample).
       image_size: size the model was trained at; the real reference goes through
         `preprocess_image` at this size. Default: H.
+      resize: the filter of that path, the model's `data.resize`.
 
     Returns:
       {'n', 'confidence', 'coverage', 'class_kl' (see `label_stats`), 'fd': FD of the samples'
@@ -203,11 +209,11 @@ def digits_quality(samples: np.ndarray, image_size: int | None = None) -> dict:
     """
     image_size = np.shape(samples)[1] if image_size is None else image_size
     grid = to_digit_grid(samples)
-    _, test, real_stats = _reference(image_size)
+    _, test, real_stats = _reference(image_size, resize)
     return {
         "n": len(grid),
         **label_stats(grid),
         "fd": feature_distance(features(grid), test),
-        "fd_real": real_distance(len(grid), image_size),
+        "fd_real": real_distance(len(grid), image_size, resize),
         **{f"{key}_real": value for key, value in real_stats.items()},
     }

@@ -32,6 +32,7 @@ def evaluate_autoencoder(config, workdir: str, step: int | None = None) -> dict:
         image_size=d.image_size,
         channels=d.channels,
         batch_size=config.train.eval_batch_size,
+        resize=d.resize,
     )
     ae_sharding = setup.params_sharding[ae_steps.AE]
     step_fn = ae_steps.make_eval_step(setup.model, setup.mesh, ae_sharding)

@@ -93,7 +93,8 @@ def autoencoder(setup: build.Setup) -> Task:
             source = build.open_split(config, config.data.eval_split)
             n = min(config.train.num_samples, len(source))
             n -= n % setup.mesh.size
-            shown["images"] = build.images_of(source, *setup.image_shape[::2])(0, n)
+            resize = config.data.get("resize", "bicubic")
+            shown["images"] = build.images_of(source, *setup.image_shape[::2], resize=resize)(0, n)
         x = shown["images"]
         rep = jax.device_put(params[ae_steps.AE], sharding.replicated(setup.mesh))
         x_hat = sharding.to_host(

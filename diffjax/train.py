@@ -99,9 +99,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         random_flip=d.random_flip,
         worker_count=d.worker_count,
         captions=captions,
+        resize=d.resize,
     )
     if data_state is None:
         state, last_saved = setup.create_state(), None
+        if tr.get("init_from"):
+            state = _init_from(setup, tr.init_from, workdir, state)
     elif "train_iter" in data_state:
         _continue_stream(train_iter, data_state["train_iter"], ckpt)
     else:  # written by `diffjax.convert`: pretrained weights, no data read yet
@@ -187,6 +190,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         by = f"signal {stop['signal']}" if stop["signal"] else "a signal to another process"
         log.warning("stopped by %s at step %d; checkpoint written", by, step)
     return state
+
+
+def _init_from(setup: build.Setup, source: str, workdir: str, state: TrainState) -> TrainState:
+    """A fresh run's parameters (and EMA) set to the EMA parameters of `source`'s newest
+    checkpoint: fine-tuning from another run. Step, optimizer and data stream start afresh."""
+    if os.path.abspath(source) == os.path.abspath(workdir):
+        raise config_check.ConfigError(
+            "config.train.init_from: names this run's own --workdir; a run resumes from its own "
+            "checkpoints without it"
+        )
+    if not os.path.isdir(os.path.join(source, "checkpoints")):
+        raise config_check.ConfigError(
+            f"config.train.init_from: {source!r} holds no checkpoints/ folder; give the "
+            f"--workdir of a finished run"
+        )
+    ckpt = checkpoint.Checkpointer(os.path.join(source, "checkpoints"), max_to_keep=None)
+    try:
+        restored, _, step = ckpt.restore(setup.abstract_state)
+    except checkpoint.CheckpointError as e:
+        raise checkpoint.CheckpointError(
+            f"config.train.init_from: {source!r} does not restore into this run; the source "
+            f"run must have this run's network and diffusion settings. {e}"
+        ) from None
+    finally:
+        ckpt.close()
+    log.info("initialised from the EMA parameters of %s at step %d", source, step)
+    # Two buffers: the train step donates both trees, and one buffer cannot be donated twice.
+    ema = jax.tree.map(jnp.copy, restored.ema_params)
+    return state.replace(params=restored.ema_params, ema_params=ema)
 
 
 def _continue_stream(train_iter: data.TrainIterator, saved: dict, ckpt) -> None:

@@ -32,10 +32,10 @@ from diffjax.data.pipeline import preprocess_image  # noqa: E402
 from diffjax.editor import Editor  # noqa: E402
 
 
-def _printed(split: str, size: int):
+def _printed(split: str, size: int, resize: str = "bicubic"):
     images, labels = printed_digits.render_splits()[split]
     stored = digits_lib.to_uint8(images)[..., None]
-    return np.stack([preprocess_image(im, size, 1) for im in stored]), labels
+    return np.stack([preprocess_image(im, size, 1, resize) for im in stored]), labels
 
 
 def _classifiers():
@@ -67,14 +67,15 @@ def main():
     source = Editor.load(src_cfg, args.source)
     target = Editor.load(latent_setup.read_run_config(args.target), args.target)
     size = source.image_size[0]
-    hand, labels = quality.real_digits("test", size)
+    resize = src_cfg.data.get("resize", "bicubic")  # the inputs as the source model saw digits
+    hand, labels = quality.real_digits("test", size, resize)
     hand = np.asarray(hand)
     source.transfer(hand[:1], target, strength=args.strength)  # compile
     t0 = time.perf_counter()
     out = source.transfer(hand, target, strength=args.strength)
     per_image = (time.perf_counter() - t0) / len(hand)
     digit, domain = _classifiers()
-    printed_test, printed_y = _printed("test", size)
+    printed_test, printed_y = _printed("test", size, resize)
     rows = {
         "transferred (handwritten → printed)": (out, labels),
         "real handwritten test digits": (hand, labels),

@@ -46,11 +46,12 @@ def _row(name: str, r: dict) -> str:
     )
 
 
-def _score(images: np.ndarray, n: int) -> dict:
+def _score(images: np.ndarray, n: int, resize: str) -> dict:
     """digits_quality at N = n: the mean over the disjoint n-chunks of `images` (FD depends on
-    N, so the peer's 512 are scored at the diffjax rows' N)."""
+    N, so the peer's 512 are scored at the diffjax rows' N); the real reference goes through
+    `resize` to 16x16 for every row."""
     chunks = [images[i : i + n] for i in range(0, len(images) - n + 1, n)]
-    scores = [quality.digits_quality(c, 16) for c in chunks]
+    scores = [quality.digits_quality(c, 16, resize) for c in chunks]
     return {k: float(np.mean([r[k] for r in scores])) if k != "n" else n for k in scores[0]}
 
 
@@ -87,7 +88,20 @@ def main() -> None:
     parser.add_argument("--samplers", default="ddpm1000,ddim50")
     parser.add_argument("--label", default="diffjax", help="Name of the diffjax rows.")
     parser.add_argument("--raw", action="store_true", help="The raw parameters, not the EMA.")
+    parser.add_argument(
+        "--resize",
+        default="",
+        help="The real reference's filter to 16x16 (default: the run's data.resize, else bicubic).",
+    )
     args = parser.parse_args()
+    config = None
+    if args.workdir:
+        if args.config or not os.path.exists(os.path.join(args.workdir, "config.json")):
+            config = digits.get_config(args.config or None)
+        else:  # the config the run was trained with, overrides included
+            config = latent_setup.read_run_config(args.workdir)
+    resize = args.resize or (config.data.get("resize", "bicubic") if config else "bicubic")
+    print(f"(real reference: digits resized to 16x16 with {resize})")
 
     print("| images | N | confidence | coverage | class KL | FD |")
     print("|---|---|---|---|---|---|")
@@ -97,15 +111,11 @@ def main() -> None:
         print(
             _row(
                 f"peer {os.path.basename(path)[len('diffusers_digits_') : -4]}",
-                _score(peer, min(args.num, len(peer))),
+                _score(peer, min(args.num, len(peer)), resize),
             ),
             flush=True,
         )
     if args.workdir:
-        if args.config or not os.path.exists(os.path.join(args.workdir, "config.json")):
-            config = digits.get_config(args.config or None)
-        else:  # the config the run was trained with, overrides included
-            config = latent_setup.read_run_config(args.workdir)
         if args.raw:
             setup = build.Setup(config)
             state, step = infer.restore_for_inference(setup, args.workdir, None)
@@ -118,7 +128,7 @@ def main() -> None:
             np.savez_compressed(
                 os.path.join(args.workdir, "samples", f"peer_{key}.npz"), images=images
             )
-            r = _score(images, args.num)
+            r = _score(images, args.num, resize)
             print(
                 _row(f"{args.label} step {step} {key}", r)
                 + f" <!-- {time.perf_counter() - t0:.0f} s -->",

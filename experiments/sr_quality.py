@@ -71,7 +71,8 @@ def main():
         images, labels = np.asarray(images[: args.num]), np.asarray(labels[: args.num])
     else:
         source = build.open_split(config, d.eval_split)
-        images = build.images_of(source, d.image_size, d.channels)(0, min(args.num, len(source)))
+        read = build.images_of(source, d.image_size, d.channels, resize=d.resize)
+        images = read(0, min(args.num, len(source)))
     low = np.asarray(spatial.low_res(jnp.asarray(images), f))
     n, size = len(images), d.image_size
     print(f"\n{_cpu_model()}, jax {jax.__version__}, {jax.device_count()} device, {args.workdir}, "

@@ -272,6 +272,19 @@ def test_preprocess_image_scaling_crop_and_channels():
     np.testing.assert_allclose(out, digit / 127.5 - 1, atol=1e-6)
 
 
+def test_preprocess_image_resize_filters():
+    digit = (np.arange(64, dtype=np.uint8).reshape(8, 8, 1) * 4)[..., :1]
+    blocks = data.preprocess_image(digit, image_size=16, channels=1, resize="nearest")
+    expected = np.repeat(np.repeat(digit / 127.5 - 1, 2, 0), 2, 1)  # exact 2x2 blocks
+    np.testing.assert_allclose(blocks, expected, atol=1e-6)
+    smooth = data.preprocess_image(digit, image_size=16, channels=1)  # bicubic: not blocks
+    assert np.abs(smooth - expected).max() > 0.01
+    # box shrinks by averaging: each output pixel is the mean of a 2x2 block (to 8-bit rounding).
+    box = data.preprocess_image(digit, image_size=4, channels=1, resize="box")
+    means = digit.reshape(4, 2, 4, 2).mean(axis=(1, 3))[..., None]
+    np.testing.assert_allclose(box, np.round(means) / 127.5 - 1, atol=1e-6)
+
+
 def test_train_batches_shapes_dtype_range(digits_dir):
     source = data.load_source("digits", "train", digits_dir)
     for channels in (1, 3):

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT, cli
 
 from configs import digits
-from diffjax import build, checkpoint, infer, train
+from diffjax import build, checkpoint, config_check, infer, train
 
 
 def _config(data_dir, **train_overrides):
@@ -162,6 +162,33 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, data_dir, caplog):
     assert "train.batch_size changed from 16 to 8" in caplog.text
     _, data_state, step = _restore(config, str(tmp_path))
     assert step == 8 and data_state["train_iter"]["next_example"] == 6 * 16 + 2 * 8
+
+
+@pytest.mark.slow
+def test_init_from_starts_a_fresh_run_from_another_runs_ema(tmp_path, data_dir):
+    source = str(tmp_path / "source")
+    train.train_and_evaluate(_config(data_dir, num_steps=4, checkpoint_every_steps=0), source)
+    ema = _restore(_config(data_dir), source)[0].ema_params
+    # One step at the warm-up's zero rate: the fine-tuned run's parameters are the source's EMA.
+    config = _config(data_dir, num_steps=1, checkpoint_every_steps=0, init_from=source)
+    config.optim.warmup_steps = 10
+    state = train.train_and_evaluate(config, str(tmp_path / "tuned"))
+    assert int(state.step) == 1
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(ema), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    _, data_state, _ = _restore(_config(data_dir), str(tmp_path / "tuned"))
+    assert data_state["train_iter"]["next_example"] == 16  # its own stream, from the start
+
+    config.train.init_from = str(tmp_path / "nothing")
+    with pytest.raises(config_check.ConfigError, match="init_from: .*no checkpoints/ folder"):
+        train.train_and_evaluate(config, str(tmp_path / "other"))
+    config.train.init_from = str(tmp_path / "other")
+    with pytest.raises(config_check.ConfigError, match="this run's own --workdir"):
+        train.train_and_evaluate(config, str(tmp_path / "other"))
+    config.train.init_from = source
+    config.model.base_channels = 64  # another network than the source's
+    with pytest.raises(checkpoint.CheckpointError, match="init_from: .*network and diffusion"):
+        train.train_and_evaluate(config, str(tmp_path / "wider"))
 
 
 def test_cli_rejects_bad_config_before_compiling(tmp_path, data_dir):

@@ -165,6 +165,8 @@ def test_ema_tracks_params_with_warmup():
         ("diffusion.loss", "hybrid", "diffusion.loss: 'hybrid' trains the learned variance"),
         ("diffusion.learned_variance", True, "diffusion.learned_variance: L_simple never trains"),
         ("train.num_samples", 0, "train.num_samples"),
+        ("data.resize", "lanczos", "data.resize: unknown 'lanczos'"),
+        ("model.patch_size", 3, "data.image_size: 16x16 must be a positive multiple of patch"),
         ("mesh.data", 9, "mesh.data"),
         ("mesh.fsdp", 3, "mesh.fsdp: 3 must be >= 1 and divide the 8 devices"),
         ("train.grad_accum_steps", 3, "train.grad_accum_steps: 3 microbatches"),

@@ -147,3 +147,30 @@ def test_group_norm_matches_numpy_and_flax_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="not divisible"):
         GroupNorm(5).init(jax.random.key(0), x)
+
+
+def _fold_numpy(x, p):
+    """Independent space-to-depth: channel index (i * p + j) * C + c holds pixel (p·y+i, p·x+j)."""
+    b, h, w, c = x.shape
+    out = np.zeros((b, h // p, w // p, p * p * c), x.dtype)
+    for i in range(p):
+        for j in range(p):
+            out[..., (i * p + j) * c : (i * p + j + 1) * c] = x[:, i::p, j::p, :]
+    return out
+
+
+def test_patch_size_is_a_unet_on_folded_patches(tiny):
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 16, 16, 3)))
+    t = jnp.array([3, 500])
+    patched = UNet(**tiny, patch_size=2)  # levels at 8 and 4: attention at 4 as in `tiny`
+    params = patched.init(jax.random.key(1), x, t)["params"]
+    assert params["Conv_0"]["kernel"].shape[-2] == 12  # 2x2x3 folded channels in
+    # The final convolution starts at zero: give it weights so the comparison means something.
+    params = jax.tree.map(lambda a: a + 0.01 * jnp.cos(jnp.arange(a.size)).reshape(a.shape), params)
+    out = np.asarray(patched.apply({"params": params}, x, t))
+    plain = UNet(**tiny, out_channels=12)  # the same parameters, on the folded image
+    folded = np.asarray(plain.apply({"params": params}, _fold_numpy(x, 2), t))
+    assert out.shape == x.shape
+    np.testing.assert_allclose(_fold_numpy(out, 2), folded, atol=1e-5)
+    with pytest.raises(ValueError, match="patch_size \\* 2\\^\\(levels-1\\) = 4"):
+        patched.init(jax.random.key(1), x[:, :6, :6], t)

@@ -6,6 +6,7 @@ from diffjax.data.errors import DatasetError
 from diffjax.data.image_folder import ImageFolder
 from diffjax.data.photos import Photos
 from diffjax.data.pipeline import (
+    RESIZE,
     TrainIterator,
     make_eval_iterator,
     make_train_iterator,
@@ -15,6 +16,7 @@ from diffjax.data.pipeline import (
 from diffjax.data.sources import RecordSource, get_builder, load_source, num_classes
 
 __all__ = [
+    "RESIZE",
     "DatasetError",
     "Digits",
     "ImageFolder",

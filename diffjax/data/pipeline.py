@@ -17,15 +17,26 @@ _READ_THREADS = 4  # threads preparing batches ahead when worker_count == 0
 _PREFETCH_BATCHES = 4  # batches kept ready per process
 _STATE_VERSION = 2
 MAX_UPSAMPLING = 2  # images smaller than image_size / this on a side get a warning
+# `data.resize`: PIL's filters (bicubic and bilinear antialias when shrinking; box averages).
+RESIZE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "box": Image.Resampling.BOX,
+}
 
 
-def preprocess_image(image: np.ndarray, image_size: int, channels: int) -> np.ndarray:
+def preprocess_image(
+    image: np.ndarray, image_size: int, channels: int, resize: str = "bicubic"
+) -> np.ndarray:
     """Turns one uint8 image into the model's input.
 
     Args:
       image: uint8 [H, W, C] (C in 1, 3, 4) or [H, W].
       image_size: side S of the square output.
       channels: 1 or 3.
+      resize: the filter (`RESIZE`) that brings the centre square to S x S: bicubic by default;
+        nearest keeps pixel art (e.g. 8x8 digits at 16x16) as exact blocks.
 
     Returns:
       float32 [S, S, channels] in [-1, 1].
@@ -39,7 +50,7 @@ def preprocess_image(image: np.ndarray, image_size: int, channels: int) -> np.nd
     pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
     pil = pil.convert("L" if channels == 1 else "RGB")
     if side != image_size:
-        pil = pil.resize((image_size, image_size), Image.Resampling.BICUBIC)
+        pil = pil.resize((image_size, image_size), RESIZE[resize])
     array = np.asarray(pil, np.float32).reshape(image_size, image_size, channels)
     return array / 127.5 - 1.0
 
@@ -62,7 +73,7 @@ def upsampling_warning(source, image_size: int, probe: int = 32) -> str | None:
     )
 
 
-def _example(record, image_size: int, channels: int, captions=None) -> dict:
+def _example(record, image_size: int, channels: int, captions=None, resize="bicubic") -> dict:
     if "latent_mean" in record:  # an encoded example (`latent.CachedSource`): no image to read
         example = {
             "latent_mean": np.asarray(record["latent_mean"][0], np.float32),
@@ -73,9 +84,9 @@ def _example(record, image_size: int, channels: int, captions=None) -> dict:
             example["flipped_mean"] = np.asarray(record["latent_mean"][1], np.float32)
             example["flipped_std"] = np.asarray(record["latent_std"][1], np.float32)
         if "image" in record:  # a latent spatial model's condition is made from the image
-            example["image"] = preprocess_image(record["image"], image_size, channels)
+            example["image"] = preprocess_image(record["image"], image_size, channels, resize)
     else:
-        image = preprocess_image(record["image"], image_size, channels)
+        image = preprocess_image(record["image"], image_size, channels, resize)
         example = {"image": image, "label": np.int32(record.get("label", 0))}
     if captions is not None:
         example["caption_choices"] = np.asarray(captions.choices(record), np.int32)
@@ -223,6 +234,7 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     captions=None,
+    resize: str = "bicubic",
 ) -> TrainIterator:
     """The training stream: this process's shard, reshuffled every epoch, repeated forever.
 
@@ -238,6 +250,7 @@ def make_train_iterator(
       process_index, process_count: this process's shard; default jax.process_index()/count().
       captions: a `data.captions.Captions`: batches then carry 'caption' int32 [b], an index into
         `captions.texts`, drawn per example and epoch among the example's captions.
+      resize: the filter to image_size (`preprocess_image`).
 
     Returns:
       A TrainIterator (see its docstring for the checkpointable state).
@@ -250,7 +263,7 @@ def make_train_iterator(
     shuffle_seed, flip_seed, caption_seed = (int(s) for s in seeds)
     dataset = _shard(source, process_index, process_count).shuffle(seed=shuffle_seed).repeat()
     example = functools.partial(
-        _example, image_size=image_size, channels=channels, captions=captions
+        _example, image_size=image_size, channels=channels, captions=captions, resize=resize
     )
     dataset = dataset.map(example)
     if random_flip:
@@ -275,6 +288,7 @@ def make_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     captions=None,
+    resize: str = "bicubic",
 ):
     """One pass over `source` in order (no shuffle, no flip), padded so no example is lost.
 
@@ -291,6 +305,7 @@ def make_eval_iterator(
       batch_size: batch over all processes; must be a multiple of the process count.
       process_index, process_count: this process's shard; default jax.process_index()/count().
       captions: as in make_train_iterator; each example takes its first caption.
+      resize: the filter to image_size (`preprocess_image`).
 
     Returns:
       An iterator of {'image': float32 [b, S, S, C], 'label': int32 [b], 'mask': bool [b]}
@@ -303,7 +318,7 @@ def make_eval_iterator(
     num_batches = math.ceil(math.ceil(len(source) / process_count) / batch)
     dataset = _shard(source, process_index, process_count)
     example = functools.partial(
-        _example, image_size=image_size, channels=channels, captions=captions
+        _example, image_size=image_size, channels=channels, captions=captions, resize=resize
     )
     dataset = dataset.map(example)
     if captions is not None:

@@ -209,6 +209,11 @@ def to_config(
             "diffusers has no layout for this U-Net's num_classes, classifier_classes or "
             "pooled_context"
         )
+    if model.get("patch_size", 1) != 1:
+        raise PretrainedError(
+            f"diffusers' U-Nets have no patch folding: this U-Net has model.patch_size="
+            f"{model['patch_size']}"
+        )
     widths = [model["base_channels"] * m for m in model["channel_mults"]]
     attention = [image_size // 2**i in model["attention_resolutions"] for i in range(len(widths))]
     conditioned = bool(model.get("context_dim"))

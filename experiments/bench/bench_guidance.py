@@ -85,7 +85,7 @@ def main() -> None:
     mesh = sharding.make_mesh(jax.device_count())
     cls_config = digits_class.get_config()
     guided, params, cond = _sampler(cls_config, mesh, args.batch)
-    plain, params_u, _ = _sampler(digits.get_config(), mesh, args.batch)
+    plain, params_u, _ = _sampler(digits.base(), mesh, args.batch)
     d = cls_config.data
     noise_key, loop_key = jax.random.split(jax.random.key(0))
     x_T = sampling.make_noise_fn(mesh, (args.batch, d.image_size, d.image_size, d.channels))(

@@ -36,7 +36,7 @@ from diffjax import build, data, latent_setup, sharding, steps  # noqa: E402
 def _configs(args, data_dir):
     lat = digits_latent.get_config()
     lat.latent.autoencoder_workdir = args.autoencoder_workdir
-    pix = digits.get_config()
+    pix = digits.base()
     pix.data.image_size = 32
     for c in (lat, pix):
         c.data.data_dir = data_dir

@@ -81,7 +81,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in (
-            ("no text (digits.py)", digits.get_config()),
+            ("no text (digits.py)", digits.base()),
             ("class labels (digits_class.py)", digits_class.get_config()),
             ("joint encoder (digits_text.py)", digits_text.get_config()),
             ("frozen MiniLM + caption table (:minilm)", digits_text.get_config("minilm")),
