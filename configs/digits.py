@@ -4,8 +4,8 @@
 
 The default job: 1600 steps of batch 64 on 2x2-nearest-upsampled digits, with a U-Net that folds
 2x2 patches into channels (`model.patch_size=2`: its levels run at 8, 4 and 2), so a step costs
-about half of the full-resolution network's. Training takes ~3.5 min on a 2-core AMD EPYC with
-AVX-512 (see the README for the other CPUs) and writes recognizable digits to
+less than half of the full-resolution network's. Training takes 3 min 10 s on a 2-core AMD EPYC
+with AVX-512 (see the README for the other CPUs) and writes recognizable digits to
 runs/digits/samples/ (a PNG grid every `train.sample_every_steps` and at the end).
 Variants: `configs/digits.py:tiny` is a seconds-long smoke-test setting used by the tests;
 `configs/digits.py:hybrid` learns the reverse variances with the hybrid loss (Improved DDPM).

@@ -205,6 +205,7 @@ def _init_from(setup: build.Setup, source: str, workdir: str, state: TrainState)
             f"config.train.init_from: {source!r} holds no checkpoints/ folder; give the "
             f"--workdir of a finished run"
         )
+    _check_same_network(setup.config, source)
     ckpt = checkpoint.Checkpointer(os.path.join(source, "checkpoints"), max_to_keep=None)
     try:
         restored, _, step = ckpt.restore(setup.abstract_state)
@@ -219,6 +220,37 @@ def _init_from(setup: build.Setup, source: str, workdir: str, state: TrainState)
     # Two buffers: the train step donates both trees, and one buffer cannot be donated twice.
     ema = jax.tree.map(jnp.copy, restored.ema_params)
     return state.replace(params=restored.ema_params, ema_params=ema)
+
+
+# Fields that do not change the parameters' shapes: a fine-tune may set them anew.
+FREE_MODEL_FIELDS = {"dropout", "cond_drop_prob", "remat", "dtype"}
+
+
+def _check_same_network(config: ml_collections.ConfigDict, source: str) -> None:
+    """Refuses, naming the fields, a source run whose network differs from this run's (read from
+    its config.json when it has one), before any checkpoint is read."""
+    if not os.path.isfile(os.path.join(source, "config.json")):
+        return  # the restore itself then checks every shape
+    theirs = latent_setup.read_run_config(source)
+    pairs = [(f"model.{k}", v, theirs.model.get(k)) for k, v in config.model.items()]
+    pairs += [
+        (f"{section}.{k}", config[section][k], theirs[section].get(k))
+        for section, k in (("data", "channels"), ("diffusion", "learned_variance"))
+    ]
+    differ = [
+        f"{name} is {_plain(mine)!r} here, {_plain(other)!r} there"
+        for name, mine, other in pairs
+        if name.removeprefix("model.") not in FREE_MODEL_FIELDS and _plain(mine) != _plain(other)
+    ]
+    if differ:
+        raise config_check.ConfigError(
+            f"config.train.init_from: {source!r} trained another network ({'; '.join(differ)}); "
+            f"set those fields to the source run's values"
+        )
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
 
 
 def _continue_stream(train_iter: data.TrainIterator, saved: dict, ckpt) -> None:
