@@ -93,8 +93,8 @@ def autoencoder(setup: build.Setup) -> Task:
             source = build.open_split(config, config.data.eval_split)
             n = min(config.train.num_samples, len(source))
             n -= n % setup.mesh.size
-            resize = config.data.get("resize", "bicubic")
-            shown["images"] = build.images_of(source, *setup.image_shape[::2], resize=resize)(0, n)
+            read = build.images_of(source, *setup.image_shape[::2], resize=config.data.resize)
+            shown["images"] = read(0, n)
         x = shown["images"]
         rep = jax.device_put(params[ae_steps.AE], sharding.replicated(setup.mesh))
         x_hat = sharding.to_host(

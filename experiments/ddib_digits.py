@@ -67,7 +67,7 @@ def main():
     source = Editor.load(src_cfg, args.source)
     target = Editor.load(latent_setup.read_run_config(args.target), args.target)
     size = source.image_size[0]
-    resize = src_cfg.data.get("resize", "bicubic")  # the inputs as the source model saw digits
+    resize = src_cfg.data.resize  # the inputs as the source model saw digits
     hand, labels = quality.real_digits("test", size, resize)
     hand = np.asarray(hand)
     source.transfer(hand[:1], target, strength=args.strength)  # compile

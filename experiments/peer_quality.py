@@ -100,7 +100,7 @@ def main() -> None:
             config = digits.get_config(args.config or None)
         else:  # the config the run was trained with, overrides included
             config = latent_setup.read_run_config(args.workdir)
-    resize = args.resize or (config.data.get("resize", "bicubic") if config else "bicubic")
+    resize = args.resize or (config.data.resize if config else "bicubic")
     print(f"(real reference: digits resized to 16x16 with {resize})")
 
     print("| images | N | confidence | coverage | class KL | FD |")
