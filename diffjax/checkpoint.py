@@ -154,14 +154,19 @@ def _quiet_closed_loop_callbacks():
     When a restore fails on damaged files, tensorstore finishes its outstanding reads after
     Orbax has closed the asyncio loop that awaited them; each late callback raises in a
     tensorstore thread and Python reports it as an unraisable exception (a traceback on stderr
-    per array, though nothing is wrong: the restore already failed and was reported). Every
+    per array, though nothing is wrong: the restore already failed and was reported). When it
+    fails on shapes instead (another network's config), the array reads it abandoned are closed
+    unfinished, and each Orbax read coroutine reports its own exception the same way. Every
     other unraisable exception still reaches the previous hook.
     """
     previous = sys.unraisablehook
 
     def hook(unraisable):
-        value = unraisable.exc_value
-        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+        value, obj = unraisable.exc_value, unraisable.object
+        late_callback = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+        code = getattr(obj, "cr_code", None)  # an abandoned coroutine of Orbax's
+        abandoned_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+        if not (late_callback or abandoned_read):
             previous(unraisable)
 
     sys.unraisablehook = hook

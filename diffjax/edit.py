@@ -19,7 +19,8 @@ METHODS = ("repaint", "trained")
 
 
 def check_request(edit: str, *, mask=None, strength=None, extend=None, method="repaint",
-                  target_workdir=None, jump_length=1, resamplings=1) -> None:  # fmt: skip
+                  target_workdir=None, jump_length=1, resamplings=1,
+                  label=None) -> None:  # fmt: skip
     """Refuses an edit's missing or misplaced arguments before anything is loaded."""
     if edit not in EDITS:
         raise EditError(f"--edit={edit!r}: choose one of {EDITS}")
@@ -31,8 +32,9 @@ def check_request(edit: str, *, mask=None, strength=None, extend=None, method="r
     for name, value in given.items():
         if value and needs.get(edit, (None,))[0] != name:
             raise EditError(f"--{name} is not used by --edit={edit}")
-    if strength is not None and edit not in ("img2img", "transfer"):
-        raise EditError(f"--strength is for --edit=img2img or transfer, not --edit={edit}")
+    for name, value in (("strength", strength), ("label", "auto" if label == "auto" else None)):
+        if value is not None and edit not in ("img2img", "transfer"):
+            raise EditError(f"--{name}={value} is for --edit=img2img/transfer, not --edit={edit}")
     try:  # the math's own range checks, as bad input
         if strength is not None:
             editing.sdedit_steps(1, strength)
@@ -63,7 +65,7 @@ def edit_files(config, workdir: str, edit: str, inputs: list[str], output: str, 
     """
     check_request(edit, mask=mask, strength=strength, extend=extend, method=method,
                   target_workdir=target_workdir, jump_length=jump_length,
-                  resamplings=resamplings)  # fmt: skip
+                  resamplings=resamplings, label=label)  # fmt: skip
     outs = image_io.output_paths(inputs, output, f"_{edit}", overwrite)
     channels = config.data.channels
     images = [image_io.read_image(p, channels) for p in inputs]

@@ -1,4 +1,5 @@
-"""The pure math of edits: SDEdit's start, RePaint's replacement and jumps, masks, canvases."""
+"""The pure math of edits: SDEdit's start, RePaint's replacement and jumps, masks, canvases,
+and the diffusion classifier that reads an input's class for a conditional edit."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import samplers, schedules
+from diffjax import losses, samplers, schedules
+from diffjax.cond import Cond
 
 Array = jnp.ndarray
 SIDES = ("left", "right", "top", "bottom")
@@ -98,6 +100,58 @@ def repaint_table(
 def network_calls(walk: np.ndarray, moves: int) -> int:
     """Network calls of a walk (its moves down; a move up is a re-noising)."""
     return int(np.sum(walk[1 : moves + 1] < walk[:moves]))
+
+
+# --- the diffusion classifier (Li et al. 2023) ---------------------------------------------------
+
+
+def classifier_timesteps(num_timesteps: int, trials: int) -> np.ndarray:
+    """`trials` timesteps spread evenly over [0, T): the midpoints of equal strata. [N] int32."""
+    if trials < 1:
+        raise ValueError(f"the diffusion classifier needs trials >= 1, got {trials}")
+    return ((np.arange(trials) + 0.5) * num_timesteps / trials).astype(np.int32)
+
+
+def class_errors(
+    denoise_fn: samplers.DenoiseFn,
+    s: schedules.Schedule,
+    x0: Array,
+    cond: Cond,
+    num_classes: int,
+    ts: Array,
+    key: Array,
+    pred: samplers.Prediction,
+) -> Array:
+    """The diffusion classifier's errors (Li et al. 2023, eq. 4): for each class k, the mean
+    over trials i of the per-pixel ‖ε_i − ε̂_θ(x_{t_i}, t_i, k)‖², where x_{t_i} = √ᾱ x_0 + √(1−ᾱ)
+    ε_i (DDPM eq. 4). Every class sees the same (t_i, ε_i), so the differences between classes,
+    which pick the class, carry little of the draws' noise. With uniform t this is the
+    ε-objective, a weighting of −ELBO(x_0 | k): the least error is the model's reading of x_0's
+    class, with no classifier beside it.
+
+    x0: [B, H, W, C] in the diffusion space; cond: the other conditions (its label is replaced
+    by each class in turn); ts: [N] int32 timesteps (`classifier_timesteps`); key: the ε draws;
+    pred: how to read the network (unclipped, so ε̂ is the network's own).
+    Returns: [B, K] mean errors.
+    """
+    classes = jnp.arange(num_classes, dtype=jnp.int32)
+
+    def trial(total, i):
+        noise = jax.random.normal(jax.random.fold_in(key, i), x0.shape, x0.dtype)
+        t = ts[i]
+        x_t = schedules.q_sample(s, x0, jnp.full(x0.shape[:1], t), noise)
+
+        def error(k):
+            c = cond.replace(label=jnp.full(x0.shape[:1], k, jnp.int32))
+            _, eps, _ = samplers.predict(denoise_fn, s, x_t, t, c, pred)
+            return losses.mean_flat(jnp.square(noise - eps))
+
+        return total + jax.lax.map(error, classes), None
+
+    total, _ = jax.lax.scan(
+        trial, jnp.zeros((num_classes, x0.shape[0]), x0.dtype), jnp.arange(len(ts))
+    )
+    return (total / len(ts)).T
 
 
 # --- masks and canvases ---------------------------------------------------------------------------

@@ -19,6 +19,8 @@ from diffjax.build import Setup
 from diffjax.cond import Cond
 
 log = logging.getLogger(__name__)
+# The diffusion classifier's (t, ε) draws per image (`Editor.classify`, `label="auto"`).
+CLASSIFY_TRIALS = 64
 
 
 class EditError(ValueError):
@@ -38,7 +40,8 @@ class Editor:
         self.setup, self.params = setup, params
         self.image_size = tuple(setup.pixel_shape[:2])
         self.channels = setup.pixel_shape[2]
-        self._fns, self._noise_fns, self._encode, self._invert = {}, {}, None, None
+        self._fns, self._noise_fns = {}, {}
+        self._encode = self._invert = self._classify = None
 
     @classmethod
     def load(cls, config, workdir: str, step: int | None = None) -> Editor:
@@ -53,10 +56,12 @@ class Editor:
 
     def img2img(self, images, strength: float, key, *, label=None, prompt=None) -> np.ndarray:
         """SDEdit (Meng et al. 2022): noise `images` to `strength` ∈ [0, 1] of the sampler's
-        chain and denoise them under the condition (a class `label`, a `prompt`). 0 returns the
+        chain and denoise them under the condition (a class `label`: one index, one per image,
+        or "auto" for the class the model reads in each image; a `prompt`). 0 returns the
         images; 1 samples from pure noise (the images are ignored)."""
         images = self._check_images(images)
         self._need_spatial("", "--edit=img2img")
+        label = self._read_label(images, label)
         table, steps = self._table()
         if editing.sdedit_steps(steps, strength) == 0:
             return images
@@ -152,10 +157,15 @@ class Editor:
         and without clipping x̂₀ (the probability-flow ODE both ways; the result is clipped).
         `strength` < 1 inverts only that far up the chain (the last round(strength · steps)
         levels, as img2img cuts it) and samples the target from there: more of the input
-        survives. The two models must share the diffusion space's shape (and T)."""
+        survives. The two models must share the diffusion space's shape (and T).
+
+        Class-conditional pairs (DDIB's own setting) invert and sample under the class `label`:
+        one index, one per image, or "auto", each image's class as the source model reads it
+        (`classify`), which the target then draws in its domain."""
         images = self._check_images(images)
         self._need_spatial("", "--edit=transfer")
         target._need_spatial("", "--edit=transfer's target")
+        label = self._read_label(images, label)
         if target.setup.image_shape != self.setup.image_shape:
             raise EditError(
                 f"--target_workdir: the target model works on {target.setup.image_shape}, the "
@@ -181,6 +191,31 @@ class Editor:
         )  # fmt: skip
         return np.clip(target._from_model(out, len(images)), -1.0, 1.0)
 
+    def classify(self, images, *, trials: int = CLASSIFY_TRIALS, key=None):
+        """Each image's class as this class-conditional model reads it, with no classifier
+        beside it: the class whose condition denoises the image best (the diffusion classifier
+        of Li et al. 2023, `editing.class_errors`), over `trials` (t, ε) draws per image shared
+        by every class. Returns (labels [B] int, errors [B, K]: each class's mean ε error)."""
+        images = self._check_images(images)
+        self._need_spatial("", "reading an input's class")
+        k = self.setup.conditioner.num_classes
+        if not k:
+            raise EditError(
+                "label='auto' reads the input's class with a class-conditional model; this one "
+                "has model.num_classes=0 (give no label, or use a class-conditional run)"
+            )
+        if self._classify is None:
+            self._classify = sampling.make_classify_fn(
+                self.setup.model, self.setup.schedule, self.setup.mesh, k,
+                pred=_unclipped(self.setup), params_sharding=self.setup.params_sharding,
+            )  # fmt: skip
+        ts = editing.classifier_timesteps(self.setup.schedule.num_steps, trials)
+        key = jax.random.key(self.setup.config.seed) if key is None else key
+        cond, _ = self._cond_parts(len(images), None, None)  # its label is replaced per class
+        errors = self._classify(self.params, self._to_model(images), cond, key, ts)
+        errors = np.asarray(sharding.to_host(errors))[: len(images)]
+        return errors.argmin(axis=1), errors
+
     # --- the parts they share -------------------------------------------------------------------
 
     def _table(self) -> tuple[np.ndarray, int]:
@@ -201,6 +236,14 @@ class Editor:
                 else "a model without a spatial condition"
             )
             raise EditError(f"{what} needs {needs}; this is {model}")
+
+    def _read_label(self, images: np.ndarray, label):
+        """`label`, with "auto" replaced by each image's class as this model reads it."""
+        if not (isinstance(label, str) and label == "auto"):
+            return label
+        labels, _ = self.classify(images)
+        log.info("classes read from the inputs: %s", " ".join(map(str, labels[:32])))
+        return labels
 
     def _padded_count(self, num: int) -> int:
         return num + (-num) % self.setup.mesh.size
@@ -271,7 +314,14 @@ class Editor:
         c = setup.conditioner
         labels = None
         if c.num_classes:
-            labels = np.full(b, c.num_classes if label is None else int(label), np.int32)
+            labels = np.full(b, c.num_classes, np.int32)  # None: the null class
+            if label is not None:
+                given = np.asarray(label, np.int32).reshape(-1)
+                if given.min() < 0 or given.max() >= c.num_classes:
+                    raise EditError(f"labels must be in [0, {c.num_classes - 1}], got {label}")
+                labels = np.resize(given, b) if len(given) == 1 else self._padded(given)
+                if len(labels) != b:
+                    raise EditError(f"{len(given)} labels for a batch of {batch} images")
         elif label is not None:
             raise EditError("a label was given, but the model is not class-conditional")
         if not c.text:

@@ -82,7 +82,8 @@ flags.DEFINE_string(
     "label",
     None,
     "Class-conditional models, --mode=sample: a class index (every sample of that class) or "
-    "'all' (a grid with one row per class). Default: the classes in turn.",
+    "'all' (a grid with one row per class). Default: the classes in turn. --mode=edit: a class "
+    "index, or 'auto' (img2img, transfer): each input's class as the model reads it.",
 )
 flags.DEFINE_string(
     "prompt",
@@ -192,8 +193,10 @@ def _edit(config) -> list[str]:
             f"--mode=edit needs --edit ({'|'.join(edit.EDITS)}), --input and --output"
         )
     if FLAGS.label == "all":
-        raise cli.BadInput("--label=all is for --mode=sample; an edit takes one class index")
-    label = None if FLAGS.label is None else int(FLAGS.label)
+        raise cli.BadInput(
+            "--label=all is for --mode=sample; an edit takes one class index or 'auto'"
+        )
+    label = FLAGS.label if FLAGS.label in (None, "auto") else int(FLAGS.label)
     return edit.edit_files(
         config, FLAGS.workdir, FLAGS.edit, FLAGS.input, FLAGS.output, mask=FLAGS.mask,
         strength=FLAGS.strength, extend=FLAGS.extend, method=FLAGS.method,
@@ -276,10 +279,12 @@ def _check_label(label: str | None, num_classes: int, classifier_guided: bool) -
             f"--label={label}: this model is unconditional (config.model.num_classes=0); "
             f"sample it without --label, or train a class-conditional one (configs/digits_class.py)"
         )
-    if label != "all" and not (label.isdigit() and int(label) < num_classes):
+    if label == "auto" and FLAGS.mode != "edit":
+        raise cli.BadInput("--label=auto (the class read from the input) is for --mode=edit")
+    if label not in ("all", "auto") and not (label.isdigit() and int(label) < num_classes):
         raise cli.BadInput(
-            f"--label={label}: a class index in [0, {num_classes - 1}] or 'all' "
-            f"(config.model.num_classes={num_classes})"
+            f"--label={label}: a class index in [0, {num_classes - 1}], 'all' (--mode=sample) "
+            f"or 'auto' (--mode=edit) (config.model.num_classes={num_classes})"
         )
 
 

@@ -1,4 +1,5 @@
-"""The compiled sampling programs: noise, the guided sampler chain and DDIM inversion, sharded."""
+"""The compiled sampling programs: noise, the guided sampler chain, DDIM inversion and the
+diffusion classifier, sharded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import guidance, samplers, schedules, sharding
+from diffjax import editing, guidance, samplers, schedules, sharding
 from diffjax.cond import UNCONDITIONAL, Conditioner
 from diffjax.steps import (
     classifier_logits,
@@ -188,3 +189,30 @@ def make_invert_fn(
         )
 
     return invert
+
+
+def make_classify_fn(
+    model: Any,
+    schedule: schedules.Schedule,
+    mesh: jax.sharding.Mesh,
+    num_classes: int,
+    *,
+    pred: samplers.Prediction = samplers.EPS_UNCLIPPED,
+    params_sharding: Any = None,
+):
+    """Compiled diffusion classifier `(params, x0, cond, key, ts) -> errors [B, K]`
+    (`editing.class_errors`) of a class-conditional model, the batch split over devices. The
+    trials' timesteps `ts` [N] are an argument: another N compiles again, other values do not."""
+
+    def run(params, x0, c, key, ts):
+        denoise = make_denoise_fn(model, params)
+        return editing.class_errors(denoise, schedule, x0, c, num_classes, ts, key, pred)
+
+    rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    return jax.jit(
+        run,
+        in_shardings=(params_sharding_or_replicated(params_sharding, mesh), batch_sh, batch_sh)
+        + (rep,) * 2,
+        out_shardings=batch_sh,
+        compiler_options=compiler_options(),
+    )

@@ -64,7 +64,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     tr = config.train
     d = config.data
     os.makedirs(workdir, exist_ok=True)
-    latent_setup.write_run_config(config, workdir)  # read back by latent runs and studies
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tr.keep_checkpoints)
     data_state = None
     if ckpt.latest_step() is not None:
@@ -79,6 +78,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
             return state
         log.info("resumed from step %d in %s", last_saved, ckpt.directory)
+    # Read back by latent runs and studies; written once the workdir's checkpoints have restored
+    # under this config, so a run refused for another network leaves the run's own config there.
+    latent_setup.write_run_config(config, workdir)
     source = build.open_split(config, d.train_split)
     build.check_dataset_labels(config, source)
     captions = build.captions(config, source) if setup.conditioner.text else None

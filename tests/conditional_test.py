@@ -76,12 +76,32 @@ def test_sample_by_label_from_the_cli(trained):
     assert png.size[0] < png.size[1]
 
 
-def test_bad_labels_are_one_line_errors(trained):
+def test_bad_labels_are_one_line_errors_and_auto_reads_the_class_for_edits(trained, tmp_path):
     data_dir, work = trained
     before = sorted(os.listdir(work / "samples"))
     unconditional = cli("digits.py:tiny", work, None, "--mode=sample", "--label=3")
+    digit = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (8, 8), np.uint8)).save(digit)
+    edit = ("--mode=edit", f"--input={digit}", "--label=auto")
     results = run_all(
         {
+            "transfer_auto": _cli(
+                work,
+                data_dir,
+                *edit,
+                "--edit=transfer",
+                f"--target_workdir={work}",
+                f"--output={tmp_path / 'out.png'}",
+            ),  # fmt: skip
+            "auto_in_sample": _cli(work, data_dir, "--mode=sample", "--label=auto"),
+            "auto_inpaint": _cli(
+                work,
+                data_dir,
+                *edit,
+                "--edit=inpaint",
+                f"--mask={digit}",
+                f"--output={tmp_path / 'never.png'}",
+            ),  # fmt: skip
             "out_of_range": _cli(work, data_dir, "--mode=sample", "--label=10"),
             "not_a_class": _cli(work, data_dir, "--mode=sample", "--label=seven"),
             "in_train": _cli(work, data_dir, "--label=3"),
@@ -91,7 +111,12 @@ def test_bad_labels_are_one_line_errors(trained):
             ),
         }
     )
+    rc, out, err = results.pop("transfer_auto")
+    assert rc == 0, err[-3000:]
+    assert "classes read from the inputs:" in err and (tmp_path / "out.png").exists()
     expected = {
+        "auto_in_sample": ["--label=auto", "--mode=edit"],
+        "auto_inpaint": ["--label=auto", "--edit=img2img/transfer"],
         "out_of_range": ["--label=10", "[0, 9]"],
         "not_a_class": ["--label=seven", "'all'"],
         "in_train": ["--label is for --mode=sample"],
@@ -101,6 +126,7 @@ def test_bad_labels_are_one_line_errors(trained):
     for name, result in results.items():
         one_line_error(result, *expected[name])
     assert sorted(os.listdir(work / "samples")) == before
+    assert not (tmp_path / "never.png").exists()
 
 
 def test_num_classes_is_checked_against_the_dataset_before_compiling(tmp_path, compiles):

@@ -117,6 +117,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     state, _, step = _restore(config, str(tmp_path))
     assert step == steps[-1]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    # Resumed with another network: refused, and the run's config.json and checkpoints stay.
+    before = (tmp_path / "config.json").read_text()
+    config.model.base_channels = 64
+    with pytest.raises(checkpoint.CheckpointError, match="config probably differs"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == before
+    assert checkpoint.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == steps
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import pytest
 from conftest import cli, one_line_error, run_all
 from PIL import Image
 
-from configs import digits
+from configs import digits, digits_class
 from diffjax import build, editing, latent_setup, samplers, schedules, spatial
 from diffjax import edit as edit_lib
 from diffjax.cond import NONE
@@ -179,6 +179,74 @@ def test_transfer_to_the_same_model_is_the_ddim_round_trip(tmp_path, compiles):
     assert np.array_equal(ed.transfer(x, ed, strength=0.0), x)
     half = ed.transfer(x, ed, strength=0.5)  # inverted half way up, sampled back from there
     assert float(np.sqrt(np.mean((half - x) ** 2))) < 1e-4
+    with pytest.raises(EditError, match="num_classes=0"):
+        ed.transfer(x, ed, label="auto")
+
+
+def test_auto_labels_are_the_classes_the_model_reads_and_transfer_under_them(tmp_path):
+    x = np.clip(RNG.normal(0, 0.5, (6, 8, 8, 1)), -1, 1).astype(np.float32)
+    config = digits_class.get_config("tiny")
+    config.data.data_dir = str(tmp_path)
+    config.diffusion.num_steps = 1000
+    config.sampler.update(steps=100, max_steps=100, guidance_scale=1.0)
+    setup = build.Setup(config)
+    ed = Editor(setup, setup.create_state().ema_params)
+    labels, errors = ed.classify(x, trials=8)
+    assert errors.shape == (6, 10) and np.array_equal(labels, errors.argmin(1))
+    assert np.array_equal(ed.classify(x, trials=8)[1], errors)  # the same draws
+    auto = ed.transfer(x, ed, label="auto", strength=0.5)
+    np.testing.assert_array_equal(auto, ed.transfer(x, ed, label=ed.classify(x)[0], strength=0.5))
+    assert float(np.sqrt(np.mean((auto - x) ** 2))) < 1e-3  # the round trip under those classes
+    with pytest.raises(EditError, match=r"labels must be in \[0, 9\]"):
+        ed.img2img(x, 0.5, jax.random.key(0), label=10)
+
+
+# Two classes of data, x_0 | k ~ N(μ_k, σ²) per pixel, with the exact class-conditional ε.
+_MUS, _SIG = np.array([-0.5, 0.4]), 0.2
+
+
+def _class_denoiser(s):
+    def denoise(x_t, t, c):
+        ab = s.alpha_bar[t].reshape(-1, 1, 1, 1)
+        mu = jnp.asarray(_MUS, x_t.dtype)[c.label].reshape(-1, 1, 1, 1)
+        # E[x_0 | x_t, k] is linear in x_t; its ε is √(1-ᾱ) (x_t - √ᾱ μ_k) / (ᾱσ² + 1 - ᾱ).
+        return jnp.sqrt(1 - ab) * (x_t - jnp.sqrt(ab) * mu) / (ab * _SIG**2 + 1 - ab)
+
+    return denoise
+
+
+def test_diffusion_classifier_errors_are_the_closed_form_and_pick_the_class():
+    s = schedules.make_schedule("linear", 1000)
+    ts = editing.classifier_timesteps(1000, 2000)  # every t twice
+    assert ts[0] == 0 and ts[-1] == 999 and np.all(np.bincount(ts) == 2)
+    # Images whose pixels all equal x_0, at and between the class means.
+    values = np.array([-0.5, 0.4, -0.2, 0.0, 0.3], np.float32)
+    x0 = np.broadcast_to(values[:, None, None, None], (5, 16, 16, 1))
+    cond = NONE.replace(label=jnp.zeros(5, jnp.int32))
+    run = jax.jit(
+        lambda x, key: editing.class_errors(
+            _class_denoiser(s), s, x, cond, 2, jnp.asarray(ts), key, samplers.EPS_UNCLIPPED
+        )
+    )
+    errors = np.asarray(run(jnp.asarray(x0), jax.random.key(7)))
+    # E‖ε - ε̂_k‖² = (ᾱ²σ⁴ + ᾱ(1-ᾱ)(x_0 - μ_k)²) / (ᾱσ² + 1 - ᾱ)², averaged over the trials' t.
+    ab = np.asarray(s.alpha_bar, np.float64)[ts][:, None, None]
+    dev = values[None, :, None] - _MUS[None, None, :]
+    exact = np.mean((ab**2 * _SIG**4 + ab * (1 - ab) * dev**2) / (ab * _SIG**2 + 1 - ab) ** 2, 0)
+    np.testing.assert_allclose(errors, exact, rtol=0.02)
+    # Data drawn from each class: the least error is the class it came from.
+    labels = np.arange(20) % 2
+    draws = _MUS[labels][:, None, None, None] + _SIG * RNG.normal(size=(20, 8, 8, 1))
+    cond = NONE.replace(label=jnp.zeros(20, jnp.int32))
+    found = jax.jit(
+        lambda x: editing.class_errors(
+            _class_denoiser(s), s, x, cond, 2, jnp.asarray(ts[::100]), jax.random.key(1),
+            samplers.EPS_UNCLIPPED,
+        )
+    )(jnp.asarray(draws, jnp.float32))  # fmt: skip
+    np.testing.assert_array_equal(np.argmin(found, 1), labels)
+    with pytest.raises(ValueError, match="trials"):
+        editing.classifier_timesteps(1000, 0)
 
 
 def _png(path, array):
