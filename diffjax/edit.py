@@ -103,7 +103,10 @@ def _run(editor: Editor, edit, inputs, images, masks, key, *, strength, extend, 
         keys = [jax.random.fold_in(key, i) for i in range(len(images))]
         return [editor.outpaint(im, sides, k, **how) for im, k in zip(images, keys, strict=True)]
     size = editor.low_res_size if edit == "upscale" else editor.image_size
-    fitted = [image_io.fit(im, size, f"--input {p}") for p, im in zip(inputs, images, strict=True)]
+    resize = editor.setup.config.data.resize  # as the model saw its training images
+    fitted = [
+        image_io.fit(im, size, f"--input {p}", resize) for p, im in zip(inputs, images, strict=True)
+    ]
     batch = np.stack(fitted)
     if edit == "upscale":
         return list(editor.upscale(batch, key, **cond))
@@ -113,6 +116,6 @@ def _run(editor: Editor, edit, inputs, images, masks, key, *, strength, extend, 
         return list(
             editor.transfer(batch, target, strength=1.0 if strength is None else strength, **cond)
         )
-    m = image_io.fit(masks, size, "--mask", nearest=True)
+    m = image_io.fit(masks, size, "--mask", "nearest")
     m = np.broadcast_to(m, (len(batch), *m.shape))
     return list(editor.inpaint(batch, m, key, **how))

@@ -9,6 +9,8 @@ import os
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from diffjax.data.pipeline import RESIZE
+
 log = logging.getLogger(__name__)
 
 
@@ -47,10 +49,11 @@ def read_mask(path: str, what: str = "--mask") -> np.ndarray:
     return (x >= 0.5).astype(np.float32)[..., None]
 
 
-def fit(image: np.ndarray, size: tuple[int, int], what: str, nearest: bool = False) -> np.ndarray:
-    """`image` [H, W, C] at `size` (h, w): as it is when it has that size; resized (Lanczos, or
-    nearest for masks) with a warning when only the scale differs; refused when the aspect
-    ratio differs (crop or pad it first)."""
+def fit(image: np.ndarray, size: tuple[int, int], what: str, resize: str = "bicubic") -> np.ndarray:
+    """`image` [H, W, C] at `size` (h, w): as it is when it has that size; resized with the
+    filter `resize` (a name of `data.RESIZE`: the model's `data.resize` for images, nearest for
+    masks) with a warning when only the scale differs; refused when the aspect ratio differs
+    (crop or pad it first)."""
     h, w = image.shape[:2]
     if (h, w) == tuple(size):
         return image
@@ -59,10 +62,11 @@ def fit(image: np.ndarray, size: tuple[int, int], what: str, nearest: bool = Fal
             f"{what}: {h}x{w} has another aspect ratio than the model's {size[0]}x{size[1]}; "
             f"crop or pad it to that ratio"
         )
-    log.warning("%s: resizing %dx%d to the model's %dx%d", what, h, w, *size)
-    method = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
+    log.warning("%s: resizing %dx%d to the model's %dx%d (%s)", what, h, w, *size, resize)
     planes = [
-        np.asarray(Image.fromarray(image[..., k].astype(np.float32)).resize(size[::-1], method))
+        np.asarray(
+            Image.fromarray(image[..., k].astype(np.float32)).resize(size[::-1], RESIZE[resize])
+        )
         for k in range(image.shape[-1])
     ]
     return np.clip(np.stack(planes, -1), -1.0, 1.0)

@@ -11,7 +11,7 @@ from conftest import cli, one_line_error, run_all
 from PIL import Image
 
 from configs import digits, digits_class
-from diffjax import build, editing, latent_setup, samplers, schedules, spatial
+from diffjax import build, editing, image_io, latent_setup, samplers, schedules, spatial
 from diffjax import edit as edit_lib
 from diffjax.cond import NONE
 from diffjax.editor import EditError, Editor
@@ -247,6 +247,16 @@ def test_diffusion_classifier_errors_are_the_closed_form_and_pick_the_class():
     np.testing.assert_array_equal(np.argmin(found, 1), labels)
     with pytest.raises(ValueError, match="trials"):
         editing.classifier_timesteps(1000, 0)
+
+
+def test_inputs_of_another_size_are_resized_with_the_models_filter():
+    im = RNG.uniform(-1, 1, (4, 4, 1)).astype(np.float32)
+    blocks = image_io.fit(im, (8, 8), "--input a.png", "nearest")
+    np.testing.assert_array_equal(blocks, im.repeat(2, 0).repeat(2, 1))
+    np.testing.assert_allclose(image_io.fit(blocks, (4, 4), "x", "box"), im, atol=1e-6)
+    assert not np.allclose(image_io.fit(im, (8, 8), "x"), blocks)  # bicubic, the default
+    with pytest.raises(ImageFileError, match="aspect ratio"):
+        image_io.fit(im, (8, 4), "x")
 
 
 def _png(path, array):
