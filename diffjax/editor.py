@@ -157,7 +157,8 @@ class Editor:
         and without clipping x̂₀ (the probability-flow ODE both ways; the result is clipped).
         `strength` < 1 inverts only that far up the chain (the last round(strength · steps)
         levels, as img2img cuts it) and samples the target from there: more of the input
-        survives. The two models must share the diffusion space's shape (and T).
+        survives. The two models must share the diffusion space's shape (and T). Both ways
+        use this model's guidance scale w: 1 keeps the ODE exact (and the class best).
 
         Class-conditional pairs (DDIB's own setting) invert and sample under the class `label`:
         one index, one per image, or "auto", each image's class as the source model reads it
@@ -187,7 +188,7 @@ class Editor:
         x_T = self._invert(self.params, x0, cond, table, steps, s.guidance_scale, null_cond=null)
         out = target._sample(
             x_T, jax.random.key(0), table, steps, label=label, prompt=prompt, sampler="ddim",
-            pred=_unclipped(target.setup),
+            pred=_unclipped(target.setup), guidance_scale=s.guidance_scale,
         )  # fmt: skip
         return np.clip(target._from_model(out, len(images)), -1.0, 1.0)
 
@@ -332,9 +333,11 @@ class Editor:
         return cond, infer.null_cond(setup, b, None)
 
     def _sample(self, x_T, key, table, n, *, label=None, prompt=None, hook_args=None,
-                sampler=None, pred=None, concat=None) -> jax.Array:  # fmt: skip
+                sampler=None, pred=None, concat=None,
+                guidance_scale=None) -> jax.Array:  # fmt: skip
         """The config's sampler (or `sampler`, `pred`) from x_T over `table`, guided as the
-        config says; with `hook_args`, RePaint's replacement and jumps."""
+        config says (or with `guidance_scale`); with `hook_args`, RePaint's replacement and
+        jumps."""
         s = self.setup.config.sampler  # read at each call: a study may change it in between
         fn_key = (sampler or s.name, s.variance, hook_args is not None, pred)
         if fn_key not in self._fns:
@@ -343,7 +346,8 @@ class Editor:
         cond, null = self._cond(len(x_T), label, prompt, concat)
         eta = 0.0 if sampler == "ddim" else s.eta
         return self._fns[fn_key](
-            self.params, x_T, cond, key, table, n, eta, s.guidance_scale, null_cond=null,
+            self.params, x_T, cond, key, table, n, eta,
+            s.guidance_scale if guidance_scale is None else guidance_scale, null_cond=null,
             hook_args=hook_args, **self.setup.guidance_args(),
         )  # fmt: skip
 

@@ -71,14 +71,19 @@ def main():
         "(auto) or its true class (true)",
     )  # fmt: skip
     parser.add_argument("--trials", type=int, default=CLASSIFY_TRIALS, help="auto: (t, ε) draws")
-    parser.add_argument("--guidance", type=float, default=None, help="both models' CFG scale")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="the transfer's CFG scale w, both ways (default: the source config's)",
+    )
     args = parser.parse_args()
     src_cfg = latent_setup.read_run_config(args.source)
     src_cfg.sampler.update(steps=args.steps, spacing="leading")
     source = Editor.load(src_cfg, args.source)
     tgt_cfg = latent_setup.read_run_config(args.target)
     if args.guidance is not None:
-        src_cfg.sampler.guidance_scale = tgt_cfg.sampler.guidance_scale = args.guidance
+        src_cfg.sampler.guidance_scale = args.guidance
     target = Editor.load(tgt_cfg, args.target)
     size = source.image_size[0]
     resize = src_cfg.data.resize  # the inputs as the source model saw digits
