@@ -4,7 +4,8 @@
         --workdir runs/printed_digits_class
 
 `configs/digits_class.py` (the same network and recipe, a class embedding with a 10% null
-class for guidance, about 4 minutes on a 2-core CPU) on `printed_digits`. Paired with a
+class for guidance, the same training time: under 10 minutes on a 2-core CPU) on
+`printed_digits`; samples go to runs/printed_digits_class/samples/. Paired with a
 `digits_class` run it transfers handwritten digits to printed ones under the class that the
 handwritten model reads in each input (`--edit=transfer --label=auto`; see the README's DDIB
 section). Variant: `:tiny`, seconds long, for the tests.
