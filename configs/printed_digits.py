@@ -2,8 +2,8 @@
 
     python -m diffjax.main --config configs/printed_digits.py --workdir runs/printed_digits
 
-The recipe of `configs/digits.py` (the same network, 1000 steps, under 10 minutes on a 2-core
-CPU) on `printed_digits`: 1500 typeset digits whose images match the handwritten `digits` in
+The recipe of `configs/digits.py` (the same network and steps, the same training time) on
+`printed_digits`: 1500 typeset digits whose images match the handwritten `digits` in
 size, grey levels and framing, so the two models can be paired for handwritten -> printed
 transfer. Samples go to runs/printed_digits/samples/.
 Variants: `:tiny`, seconds long, for the tests; `:hybrid`, learned variances (Improved DDPM).

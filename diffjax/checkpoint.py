@@ -156,27 +156,33 @@ def _quiet_closed_loop_callbacks():
     tensorstore thread and Python reports it as an unraisable exception (a traceback on stderr
     per array, though nothing is wrong: the restore already failed and was reported). When it
     fails on shapes instead (another network's config), the array reads it abandoned are closed
-    unfinished, and each Orbax read coroutine reports its own exception the same way. Every
-    other unraisable exception still reaches the previous hook.
+    unfinished, and each Orbax read coroutine reports its own exception the same way. Those can
+    come after the restore has returned, so the filter stays for the rest of the process; every
+    other unraisable exception still reaches the hook that was there before.
     """
-    previous = sys.unraisablehook
+    if not getattr(sys.unraisablehook, "_diffjax_quiet", False):
+        previous = sys.unraisablehook
 
-    def hook(unraisable):
-        value, obj = unraisable.exc_value, unraisable.object
-        late_callback = isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-        code = getattr(obj, "cr_code", None)  # an abandoned coroutine of Orbax's
-        abandoned_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-        if not (late_callback or abandoned_read):
-            previous(unraisable)
+        def hook(unraisable):
+            if not _abandoned_read(unraisable):
+                previous(unraisable)
 
-    sys.unraisablehook = hook
+        hook._diffjax_quiet = True
+        sys.unraisablehook = hook
     try:
         yield
     finally:
         import gc
 
-        gc.collect()  # late callbacks held by cycles fire now, under the hook
-        sys.unraisablehook = previous
+        gc.collect()  # late callbacks held by cycles fire now
+
+
+def _abandoned_read(unraisable) -> bool:
+    value, obj = unraisable.exc_value, unraisable.object
+    if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+        return True
+    code = getattr(obj, "cr_code", None)  # an abandoned coroutine of Orbax's
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _check_finite(state: Any, step: int) -> None:

@@ -183,6 +183,7 @@ def test_transfer_to_the_same_model_is_the_ddim_round_trip(tmp_path, compiles):
         ed.transfer(x, ed, label="auto")
 
 
+@pytest.mark.slow  # ~30 s of compiling; the CLI's --label=auto runs in conditional_test
 def test_auto_labels_are_the_classes_the_model_reads_and_transfer_under_them(tmp_path):
     x = np.clip(RNG.normal(0, 0.5, (6, 8, 8, 1)), -1, 1).astype(np.float32)
     config = digits_class.get_config("tiny")

@@ -9,7 +9,8 @@ Cases (the networks of ../shared/peers/README.md, built with diffjax.models.UNet
   small       16x16x1, channels (32, 64, 64), 1 res block/level, attention at 8x8, batch 64.
 and, with --cases, configs/digits.py's U-Nets at batch 64:
   digits-base the earlier full-resolution one (no attention at 8x8).
-  digits      today's default: the same on 2x2 patches folded into channels (patch_size=2).
+  digits-32   the same on 2x2 patches folded into channels (patch_size=2).
+  digits      today's default: on folded patches, 64 channels at every level.
 
 Each measurement runs in a fresh child process (so its peak RSS is its own): the compiled train
 step (ε-MSE, AdamW, EMA) and the compiled DDPM sampling loop, median of --steps timed calls after
@@ -58,11 +59,19 @@ CASES = {
         ),
     ),
 }
-# The default digits network (configs/digits.py: 2x2 patches folded into channels) and the
-# earlier full-resolution one (`digits.base()`); `--cases digits-base,digits` compares them.
+# The default digits network (configs/digits.py: 2x2 patches folded into channels), the
+# 32/64/64 one before it and the earlier full-resolution one (`digits.base()`):
+# `--cases digits-base,digits-32,digits` compares them.
 DIGITS = dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=())
 CASES["digits-base"] = dict(batch=64, shape=(16, 16, 1), model=dict(DIGITS, dropout=0.0))
-CASES["digits"] = dict(batch=64, shape=(16, 16, 1), model=dict(DIGITS, dropout=0.0, patch_size=2))
+CASES["digits-32"] = dict(
+    batch=64, shape=(16, 16, 1), model=dict(DIGITS, dropout=0.0, patch_size=2)
+)
+CASES["digits"] = dict(
+    batch=64,
+    shape=(16, 16, 1),
+    model=dict(DIGITS, dropout=0.0, patch_size=2, base_channels=64, channel_mults=(1, 1, 1)),
+)
 MARK = "@@BENCH@@"
 
 
