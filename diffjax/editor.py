@@ -166,12 +166,12 @@ class Editor:
         images = self._check_images(images)
         self._need_spatial("", "--edit=transfer")
         target._need_spatial("", "--edit=transfer's target")
-        label = self._read_label(images, label)
         if target.setup.image_shape != self.setup.image_shape:
             raise EditError(
                 f"--target_workdir: the target model works on {target.setup.image_shape}, the "
                 f"source on {self.setup.image_shape}; transfer needs the same shape"
             )
+        label = self._read_label(images, label)  # after the cheap checks: it runs the model
         table, steps = self._table()
         if editing.sdedit_steps(steps, strength) == 0:
             return images
