@@ -144,6 +144,34 @@ def feature_distance(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*gaussian_fit(a), *gaussian_fit(b))
 
 
+def class_balanced_distance(
+    a: np.ndarray, labels_a: np.ndarray, b: np.ndarray, labels_b: np.ndarray
+) -> float:
+    """Fréchet distance of a [N, D] to b [M, D] with a's rows reweighted to b's class shares.
+
+    Splits a sample set's FD into how its images look within their classes and how its classes
+    are balanced: a row of a with label k weighs share_b(k) / share_a(k), so a set that draws a
+    class too often or too rarely scores as if it had drawn b's shares (labels absent from a add
+    nothing; the rest renormalise). The weighted covariance is the unbiased reliability-weighted
+    one (`np.cov(aweights=...)`); equal weights give `feature_distance` exactly.
+
+    Args:
+      a, labels_a: [N, D] features and their [N] integer labels (for samples: the classifier's).
+      b, labels_b: [M, D] reference features and their [M] labels.
+
+    Returns:
+      The distance, ≥ 0 up to rounding.
+    """
+    num = int(max(np.max(labels_a), np.max(labels_b))) + 1
+    share_a = np.bincount(labels_a, minlength=num) / len(labels_a)
+    share_b = np.bincount(labels_b, minlength=num) / len(labels_b)
+    weights = (share_b / np.where(share_a > 0, share_a, 1.0))[labels_a]
+    a = np.asarray(a, np.float64)
+    mean = np.average(a, axis=0, weights=weights)
+    cov = np.cov(a, rowvar=False, aweights=weights).reshape(a.shape[1], a.shape[1])
+    return frechet_distance(mean, cov, *gaussian_fit(b))
+
+
 def label_stats(grid: np.ndarray) -> dict:
     """The classifier's view of a set of digits.
 
@@ -204,16 +232,23 @@ def digits_quality(
 
     Returns:
       {'n', 'confidence', 'coverage', 'class_kl' (see `label_stats`), 'fd': FD of the samples'
-      features vs real test features, 'fd_real': the same for real train digits at equal n
+      features vs real test features, 'fd_balanced': the same with the samples reweighted to
+      the test split's class shares by their predicted labels (`class_balanced_distance`: FD
+      less the part that class balance makes), 'fd_real': the same for real train digits at equal n
       (`real_distance`), 'confidence_real', 'coverage_real', 'class_kl_real': real test digits}.
     """
     image_size = np.shape(samples)[1] if image_size is None else image_size
     grid = to_digit_grid(samples)
     _, test, real_stats = _reference(image_size, resize)
+    feats = features(grid)
+    labels = classifier().predict(grid)
     return {
         "n": len(grid),
         **label_stats(grid),
-        "fd": feature_distance(features(grid), test),
+        "fd": feature_distance(feats, test),
+        "fd_balanced": class_balanced_distance(
+            feats, labels, test, real_digits("test", image_size, resize)[1]
+        ),
         "fd_real": real_distance(len(grid), image_size, resize),
         **{f"{key}_real": value for key, value in real_stats.items()},
     }

@@ -57,6 +57,43 @@ def test_feature_distance_of_samples_converges_to_closed_form():
     assert abs(quality.feature_distance(a, b) - exact - bias) < 5 * std
 
 
+def test_class_balanced_distance_removes_the_class_balance_part():
+    """Two classes N(m_k, I) in 3-d: a draws them 80/20, the reference b 50/50.
+
+    Plain FD reaches the closed form of the two mixtures' moments (mean p m0 + (1 - p) m1,
+    covariance I + p (1 - p) δδᵀ); reweighted to b's shares, a is b's mixture, so the distance
+    falls to the estimator's bias, ~tr(Σ_a + Σ_b) / N.
+    """
+    rng = np.random.default_rng(7)
+    m = np.array([[3.0, 0.0, 0.0], [-1.0, 1.0, 0.5]])
+    delta = m[0] - m[1]
+
+    def draw(p0, n):
+        labels = (rng.uniform(size=n) >= p0).astype(int)
+        return m[labels] + rng.standard_normal((n, 3)), labels
+
+    def moments(p0):
+        return p0 * m[0] + (1 - p0) * m[1], np.eye(3) + p0 * (1 - p0) * np.outer(delta, delta)
+
+    n = 200_000
+    a, labels_a = draw(0.8, n)
+    b, labels_b = draw(0.5, n)
+    exact = quality.frechet_distance(*moments(0.8), *moments(0.5))
+    assert exact > 1.0
+    assert quality.feature_distance(a, b) == pytest.approx(exact, rel=0.02)
+    assert quality.class_balanced_distance(a, labels_a, b, labels_b) < 1e-3  # bias ~1e-4
+
+
+def test_class_balanced_distance_equals_fd_when_shares_already_match():
+    """Equal shares give every row weight 1: the weighted fit is the plain one."""
+    rng = np.random.default_rng(8)
+    a, b = rng.standard_normal((300, 4)), rng.standard_normal((150, 4)) + 0.3
+    labels_a, labels_b = np.arange(300) % 3, np.arange(150) % 3
+    got = quality.class_balanced_distance(a, labels_a, b, labels_b)
+    assert got == pytest.approx(quality.feature_distance(a, b), rel=1e-10)
+    assert got > 0.2
+
+
 def test_to_digit_grid_inverts_nearest_upsampling_and_clips():
     """A 16px image made by repeating 8x8 pixels averages back exactly; [-1, 1] maps to [0, 1]."""
     small = np.random.default_rng(3).uniform(-1, 1, size=(4, 8, 8, 1))
