@@ -23,10 +23,10 @@ def get_config(arg: str | None = None):
         # The 8x8 digits as exact 2x2 blocks (as the diffusers peer trains on them), a U-Net on
         # folded 2x2 patches (a step ~2x cheaper than at full resolution), a higher rate, and 64
         # channels at every level (8, 4, 2): 1200 steps in about the time the 32/64/64 network
-        # took for 1600. With the peer's samplers at N = 512: DDPM-1000 confidence 0.961 / FD 1.75
-        # and DDIM-50 0.945 / 1.09, against 0.953 / 1.76 and 0.924 / 1.92 for 32/64/64 and 0.931
-        # and 0.924 for the full-resolution 1000-step recipe (README; one run each: the DDPM-1000
-        # confidence moves by ~0.015 from one training run to another).
+        # took for 1600. With the peer's samplers at N = 512, the mean of five draws (sampling and
+        # training seeds): DDPM-1000 confidence 0.952 / FD 1.34 and DDIM-50 0.943 / 1.55 (one
+        # draw moves by ~0.006 and ~0.25), against single draws of 0.953 / 1.76 and 0.924 / 1.92
+        # for 32/64/64 and 0.931 and 0.924 for the full-resolution 1000-step recipe (README).
         config.data.resize = "nearest"
         config.model.update(patch_size=2, base_channels=64, channel_mults=(1, 1, 1))
         config.optim.lr = 3e-3  # 2e-3 and 5e-3 scored the same (README)
