@@ -182,7 +182,10 @@ def label_stats(grid: np.ndarray) -> dict:
       {'confidence': mean max class probability, 'coverage': classes with ≥ MIN_SHARE of the
       predicted labels (0..10), 'class_kl': KL(label histogram ‖ uniform) in nats, 0..log 10}.
     """
-    probs = classifier().predict_proba(grid)
+    return _stats_of(classifier().predict_proba(grid))
+
+
+def _stats_of(probs: np.ndarray) -> dict:
     share = np.bincount(probs.argmax(axis=1), minlength=NUM_CLASSES) / len(probs)
     seen = share[share > 0]
     return {
@@ -240,14 +243,13 @@ def digits_quality(
     image_size = np.shape(samples)[1] if image_size is None else image_size
     grid = to_digit_grid(samples)
     _, test, real_stats = _reference(image_size, resize)
-    feats = features(grid)
-    labels = classifier().predict(grid)
+    feats, probs = features(grid), classifier().predict_proba(grid)
     return {
         "n": len(grid),
-        **label_stats(grid),
+        **_stats_of(probs),
         "fd": feature_distance(feats, test),
         "fd_balanced": class_balanced_distance(
-            feats, labels, test, real_digits("test", image_size, resize)[1]
+            feats, probs.argmax(axis=1), test, real_digits("test", image_size, resize)[1]
         ),
         "fd_real": real_distance(len(grid), image_size, resize),
         **{f"{key}_real": value for key, value in real_stats.items()},
