@@ -82,6 +82,16 @@ def _sample(setup, params, config, key: str, num: int, seed: int) -> np.ndarray:
     return np.concatenate(out)[:num]
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: want integers >= 0, e.g. 0,1,2")
+    return seeds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None, help="A digits workdir; omit for peer rows.")
@@ -93,6 +103,7 @@ def main() -> None:
     parser.add_argument("--label", default="diffjax", help="Name of the diffjax rows.")
     parser.add_argument(
         "--seeds",
+        type=_seeds,
         default="0",
         help="Sampling seeds, comma-separated (0: the run's sample key); several add a mean row.",
     )
@@ -131,10 +142,9 @@ def main() -> None:
             params = state.params
         else:
             setup, params, step = infer.load_ema(config, args.workdir)
-        seeds = [int(s) for s in args.seeds.split(",")]
         for key in args.samplers.split(","):
             rows = []
-            for seed in seeds:
+            for seed in args.seeds:
                 t0 = time.perf_counter()
                 images = _sample(setup, params, config, key, args.num, seed)
                 suffix = f"_s{seed}" if seed else ""
