@@ -70,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
         learned_variance=False,  # The network also outputs the reverse variance (2C channels).
         loss="simple",  # simple | hybrid (simple + λ·VLB, learned variance) | vlb.
         vlb_weight=0.001,  # λ of the hybrid loss.
-        t_sampling="uniform",  # uniform | importance (from the per-t VLB history).
+        t_sampling="uniform",  # uniform | stratified (low-discrepancy) | importance (VLB history).
         min_snr_gamma=0.0,  # Min-SNR-γ weighting of the MSE; 0 = off, 5 is typical.
     )
     config.sampler = dict(

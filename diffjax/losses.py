@@ -17,7 +17,7 @@ Array = jnp.ndarray
 DenoiseFn = Callable[[Array, Array, Cond], Array]
 
 LOSSES = ("simple", "hybrid", "vlb")
-T_SAMPLING = ("uniform", "importance")
+T_SAMPLING = ("uniform", "stratified", "importance")
 
 
 def mean_flat(x: Array) -> Array:
@@ -293,12 +293,23 @@ def sample_timesteps(
 ) -> tuple[Array, Array]:
     """Draws t [B] and the loss weights [B] that keep the estimate of Σ_t L_t unbiased.
 
-    "uniform": t ~ U{0, …, T-1}, weights 1. "importance": p_t ∝ √E[L_t²] over the history, mixed
-    with `uniform_prob` of uniform, weights 1 / (T p_t); uniform until every t has K values.
+    "uniform": t ~ U{0, …, T-1}, weights 1. "stratified": the low-discrepancy draw of VDM
+    (Kingma et al. 2021, §4.2): one u ~ U[0, 1) and t_i = ⌊T · ((u + i/B) mod 1)⌋, in a random
+    order; each t_i is still uniform (weights 1), but the batch covers [0, T) evenly, so the
+    batch's loss varies less from step to step. "importance": p_t ∝ √E[L_t²] over the history,
+    mixed with `uniform_prob` of uniform, weights 1 / (T p_t); uniform until every t has K values.
     """
     num_steps, size = history.values.shape
+    ones = jnp.ones((batch,), jnp.float32)
     if method == "uniform":
-        return jax.random.randint(key, (batch,), 0, num_steps), jnp.ones((batch,), jnp.float32)
+        return jax.random.randint(key, (batch,), 0, num_steps), ones
+    if method == "stratified":
+        u_key, perm_key = jax.random.split(key)
+        u = jax.random.uniform(u_key, (), jnp.float32)
+        frac = jnp.mod(u + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+        # frac · T can round up to T in float32 when frac is just below 1.
+        t = jnp.minimum(jnp.floor(frac * num_steps).astype(jnp.int32), num_steps - 1)
+        return jax.random.permutation(perm_key, t), ones
     if method != "importance":
         raise ValueError(f"unknown t sampling {method!r}; choose one of {T_SAMPLING}")
     p = jnp.sqrt(jnp.mean(jnp.square(history.values), axis=1))

@@ -194,6 +194,27 @@ def test_importance_sampling_is_unbiased():
     np.testing.assert_allclose(w, 1.0, rtol=1e-5)  # uniform until the history is full
 
 
+def test_stratified_timesteps_cover_the_range_evenly_and_each_is_uniform():
+    """VDM's low-discrepancy draw: one stratum of width T/B per example, each t_i uniform."""
+    h = losses.init_loss_history(1000)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    draw = lambda b: jax.vmap(lambda k: losses.sample_timesteps(k, b, h, "stratified"))(keys)
+    t, w = (np.asarray(a) for a in draw(8))
+    assert t.dtype == np.int32 and t.min() >= 0 and t.max() < 1000
+    np.testing.assert_array_equal(w, 1.0)
+    # B divides T: every batch is spaced exactly T/B apart.
+    np.testing.assert_array_equal(np.diff(np.sort(t, axis=1), axis=1), 125)
+    # Marginally uniform: the first example's t over 4000 keys, in 10 bins of 100 steps, passes a
+    # chi-square test (9 degrees of freedom; 27.9 is the 0.001 upper quantile).
+    counts = np.bincount(t[:, 0] // 100, minlength=10)
+    assert np.sum((counts - 400.0) ** 2 / 400.0) < 27.9, counts
+    # And in a random order: the first example is not always the smallest t.
+    assert 0.05 < np.mean(t[:, 0] == t.min(axis=1)) < 0.25
+    # B does not divide T: 3 examples are still one per third of [0, T), a circular lattice.
+    gaps = np.diff(np.sort(np.asarray(draw(3)[0]), axis=1), axis=1)
+    assert np.all((gaps >= 333) & (gaps <= 334)), gaps
+
+
 def test_zero_terminal_snr_schedule():
     base = schedules.make_schedule("linear", 1000)
     s = schedules.make_schedule("linear", 1000, zero_terminal_snr=True)
