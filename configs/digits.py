@@ -25,9 +25,10 @@ def get_config(arg: str | None = None):
         # folded 2x2 patches (a step ~2x cheaper than at full resolution), a higher rate, 64
         # channels at every level (8, 4, 2): 1200 steps in about the time the 32/64/64 network
         # took for 1600; and the cosine schedule (Nichol & Dhariwal 2021), which spends fewer of
-        # the 1000 steps near pure noise than the linear one. With the peer's samplers at N = 512, the mean of five draws (sampling and training seeds):
-        # DDPM-1000 confidence 0.960 / FD 1.44 and DDIM-50 0.950 / 1.52, against 0.952 / 1.34
-        # and 0.943 / 1.55 with the linear schedule (one draw moves by ~0.006 and ~0.3; README).
+        # the 1000 steps near pure noise than the linear one. With the peer's samplers at
+        # N = 512, the mean of five draws (sampling and training seeds): DDPM-1000 confidence
+        # 0.960 / FD 1.44 and DDIM-50 0.950 / 1.52, against 0.952 / 1.34 and 0.943 / 1.55 with
+        # the linear schedule (one draw moves by ~0.006 and ~0.3; README).
         config.data.resize = "nearest"
         config.diffusion.schedule = "cosine"
         config.model.update(patch_size=2, base_channels=64, channel_mults=(1, 1, 1))

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from diffjax import build, checkpoint, data, image_io, sharding
+from diffjax import build, checkpoint, data, image_io, latent_setup, sharding
 from diffjax.build import Setup
 from diffjax.metrics import MetricWriter
 from diffjax.steps import make_bpd_step, make_eval_step
@@ -179,6 +179,7 @@ def null_cond(setup: Setup, batch: int, negative_prompt: str | None):
 
 def restore_for_inference(setup: Setup, workdir: str, step: int | None):
     """(state, step) of a checkpoint; a latent model also gets its latent scale from it."""
+    latent_setup.check_same_process(setup.config, workdir)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None)
     try:
         state, meta, restored = ckpt.restore(setup.abstract_state, step)

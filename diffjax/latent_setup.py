@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from diffjax import checkpoint, latent, sharding
+from diffjax import checkpoint, config_check, latent, sharding
 from diffjax.latent import Codec, LatentError
 from diffjax.models import autoencoder as ae_lib
 
@@ -49,6 +49,39 @@ def read_run_config(workdir: str) -> ml_collections.ConfigDict:
         for field, value in fields.items():
             stored.setdefault(section, {}).setdefault(field, value)
     return ml_collections.ConfigDict(stored)
+
+
+def read_run_config_or(workdir: str, make_default) -> ml_collections.ConfigDict:
+    """The workdir's run config (overrides included) when it has one, else `make_default()`."""
+    if os.path.isfile(os.path.join(workdir, latent.CONFIG_FILE)):
+        return read_run_config(workdir)
+    return make_default()
+
+
+# The diffusion process a run's parameters were trained under. The same parameters read under
+# other values restore without an error and then sample or train something else, so a config that
+# changes one of them is refused against the run's config.json.
+PROCESS_FIELDS = ("schedule", "num_steps", "beta_start", "beta_end", "target", "zero_terminal_snr")
+
+
+def check_same_process(config, workdir: str) -> None:
+    """Refuses, naming the fields, a config whose `diffusion` process differs from the one the
+    workdir's run was trained under (its config.json; nothing to check without one)."""
+    if not os.path.isfile(os.path.join(workdir, latent.CONFIG_FILE)):
+        return
+    theirs = read_run_config(workdir).diffusion
+    differ = [
+        (k, config.diffusion[k], theirs[k])
+        for k in PROCESS_FIELDS
+        if k in theirs and k in config.diffusion and config.diffusion[k] != theirs[k]
+    ]
+    if differ:
+        said = "; ".join(f"diffusion.{k} is {a!r} here, {b!r} there" for k, a, b in differ)
+        flags = " ".join(f"--config.diffusion.{k}={other}" for k, _, other in differ)
+        raise config_check.ConfigError(
+            f"{workdir} was trained under another diffusion process ({said}); its checkpoints "
+            f"need the run's values ({flags}), or use a fresh --workdir"
+        )
 
 
 def write_run_config(config, workdir: str) -> None:

@@ -67,6 +67,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), tr.keep_checkpoints)
     data_state = None
     if ckpt.latest_step() is not None:
+        try:
+            latent_setup.check_same_process(config, workdir)
+        except config_check.ConfigError:
+            ckpt.close()
+            raise
         state, data_state, last_saved = ckpt.restore(setup.abstract_state, set_aside=True)
         if last_saved >= tr.num_steps:
             ckpt.close()

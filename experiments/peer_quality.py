@@ -115,11 +115,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     config = None
-    if args.workdir:
-        if args.config or not os.path.exists(os.path.join(args.workdir, "config.json")):
-            config = digits.get_config(args.config or None)
-        else:  # the config the run was trained with, overrides included
-            config = latent_setup.read_run_config(args.workdir)
+    if args.workdir:  # the config the run was trained with, overrides included
+        default = lambda: digits.get_config(args.config or None)
+        read = latent_setup.read_run_config_or
+        config = default() if args.config else read(args.workdir, default)
     resize = args.resize or (config.data.resize if config else "bicubic")
     print(f"(real reference: digits resized to 16x16 with {resize})")
 

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the repository's configs/ package
 
 from configs import digits  # noqa: E402
-from diffjax import infer, quality, samplers, sampling, sharding  # noqa: E402
+from diffjax import infer, latent_setup, quality, samplers, sampling, sharding  # noqa: E402
 from diffjax.cond import NONE  # noqa: E402
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # JAX's public monitoring event
@@ -47,7 +47,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    config = digits.get_config(args.config or None)
+    # The config the run was trained with (overrides included), unless --config names a variant.
+    default = lambda: digits.get_config(args.config or None)
+    config = default() if args.config else latent_setup.read_run_config_or(args.workdir, default)
     setup, params, step = infer.load_ema(config, args.workdir)
     s = setup.schedule
     shape = (args.num, *setup.image_shape)

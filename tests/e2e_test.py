@@ -198,6 +198,32 @@ def test_init_from_starts_a_fresh_run_from_another_runs_ema(tmp_path, data_dir):
         train.train_and_evaluate(config, str(tmp_path / "wider"))
 
 
+def test_another_diffusion_process_is_refused_on_resume_and_sample(tmp_path, data_dir):
+    """A run's checkpoints restore under any schedule without an error, so a config whose
+    diffusion process differs from the run's config.json is refused, naming the field and the
+    flag that fixes it, before anything is read or written."""
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(_config(data_dir, num_steps=2, checkpoint_every_steps=0), workdir)
+    stored = (tmp_path / "run" / "config.json").read_text()
+    other = _config(data_dir, num_steps=4, checkpoint_every_steps=0)
+    other.diffusion.schedule = "cosine"
+    words = "schedule is 'cosine' here, 'linear' there.*--config.diffusion.schedule=linear"
+    with pytest.raises(config_check.ConfigError, match=words):
+        train.train_and_evaluate(other, workdir)
+    with pytest.raises(config_check.ConfigError, match=words):
+        infer.load_ema(other, workdir)
+    assert (tmp_path / "run" / "config.json").read_text() == stored
+    assert _restore(_config(data_dir), workdir)[2] == 2  # the run's own config still reads it
+    # A config.json from before a field existed does not hold it: nothing to compare.
+    old = json.loads(stored)
+    del old["diffusion"]["zero_terminal_snr"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    other.diffusion.update(schedule="linear", zero_terminal_snr=True, target="v")
+    with pytest.raises(config_check.ConfigError, match="diffusion.target is 'v' here, 'eps'") as e:
+        infer.load_ema(other, workdir)
+    assert "zero_terminal_snr" not in str(e.value)
+
+
 def test_cli_rejects_bad_config_before_compiling(tmp_path, data_dir):
     res = subprocess.run(
         _cli(tmp_path, data_dir, "--config.data.image_size=7"),
