@@ -215,3 +215,78 @@ def check_writable_dir(path: str, what: str) -> None:
             f"{what} {path} is not writable ({e.strerror or e}); fix its "
             f"permissions or choose another path"
         ) from None
+
+
+def check_flags(fv, config: ml_collections.ConfigDict) -> None:
+    """The flags that the config checks cannot see, refused before anything is built.
+
+    Args:
+      fv: the parsed absl flags of `diffjax.main` (`absl.flags.FLAGS`).
+      config: the run's config.
+    """
+    if fv.step is not None and fv.step < 0:
+        raise BadInput(f"--step={fv.step}: a checkpoint step is >= 0")
+    if fv.num_samples is not None and fv.num_samples < 1:
+        raise BadInput(f"--num_samples={fv.num_samples}: must be >= 1")
+    sp, lt = config.sampler, config.latent
+    guided = bool(sp.classifier_workdir or sp.classifier_config)
+    _check_label(fv.label, config.model.num_classes, guided, fv.mode)
+    _check_prompts(fv, config.text.encoder)
+    edit_only = ("edit", "mask", "strength", "extend", "target_workdir")
+    used = [f"--{n}" for n in edit_only if getattr(fv, n) is not None]
+    if fv.mode != "edit" and used:
+        raise BadInput(f"{', '.join(used)}: for --mode=edit only")
+    if fv.cpu_devices is not None and fv.cpu_devices < 1:
+        raise BadInput(f"--cpu_devices={fv.cpu_devices}: must be >= 1 (or leave it out)")
+    if fv.mode == "train":
+        if fv.step is not None:
+            raise BadInput(
+                "--step picks a checkpoint for --mode=eval/sample; training "
+                "always resumes from the newest one (drop --step)"
+            )
+        if fv.label is not None:
+            raise BadInput("--label is for --mode=sample (training sees the dataset's labels)")
+        if fv.prompt is not None or fv.negative_prompt is not None:
+            raise BadInput("--prompt is for --mode=sample (training sees the captions)")
+        if fv.num_samples is not None:
+            raise BadInput(
+                "--num_samples is for --mode=sample; the training grids use "
+                "--config.train.num_samples"
+            )
+        check_writable_dir(fv.workdir, "--workdir")
+    elif fv.mode == "reconstruct" and (lt.autoencoder_workdir or lt.diffusers_vae):
+        return  # the latent config's own autoencoder: no checkpoint of the workdir is read
+    elif not os.path.isdir(fv.workdir):
+        what = "a file, not a workdir" if os.path.exists(fv.workdir) else "not there"
+        raise BadInput(
+            f"--workdir {fv.workdir} is {what}: --mode={fv.mode} reads "
+            f"the checkpoints a --mode=train run wrote there"
+        )
+
+
+def _check_label(label: str | None, num_classes: int, classifier_guided: bool, mode: str) -> None:
+    if label is None or (classifier_guided and not num_classes):  # the classifier's classes
+        return
+    if not num_classes:
+        raise BadInput(
+            f"--label={label}: this model is unconditional (config.model.num_classes=0); "
+            f"sample it without --label, or train a class-conditional one (configs/digits_class.py)"
+        )
+    if label == "auto" and mode != "edit":
+        raise BadInput("--label=auto (the class read from the input) is for --mode=edit")
+    if label not in ("all", "auto") and not (label.isdigit() and int(label) < num_classes):
+        raise BadInput(
+            f"--label={label}: a class index in [0, {num_classes - 1}], 'all' (--mode=sample) "
+            f"or 'auto' (--mode=edit) (config.model.num_classes={num_classes})"
+        )
+
+
+def _check_prompts(fv, encoder: str) -> None:
+    given = [f for f in ("prompt", "negative_prompt") if fv[f].value is not None]
+    if given and not encoder:
+        raise BadInput(
+            f"--{given[0]}: this model has no text conditioning (config.text.encoder=''); "
+            f"train a text model (configs/digits_text.py)"
+        )
+    if fv.prompt is not None and not fv.prompt.strip():
+        raise BadInput("--prompt is empty: give the text to draw, e.g. --prompt='a handwritten 3'")

@@ -142,7 +142,7 @@ def main(argv):
 
     def body():
         config = _config()
-        _check_flags(config)
+        cli.check_flags(FLAGS, config)
         _init_distributed(FLAGS.cpu_devices or config.mesh.cpu_devices)
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, FLAGS.workdir)
@@ -227,78 +227,6 @@ def _config():
         base = cli.load_config_file(DEFAULT_BASE)
         pipelines.import_diffusers(FLAGS.pretrained, FLAGS.workdir, base)
     return latent_setup.read_run_config(FLAGS.workdir)
-
-
-def _check_flags(config) -> None:
-    """The flags that the config checks cannot see, refused before anything is built."""
-    if FLAGS.step is not None and FLAGS.step < 0:
-        raise cli.BadInput(f"--step={FLAGS.step}: a checkpoint step is >= 0")
-    if FLAGS.num_samples is not None and FLAGS.num_samples < 1:
-        raise cli.BadInput(f"--num_samples={FLAGS.num_samples}: must be >= 1")
-    sp, lt = config.sampler, config.latent
-    guided = bool(sp.classifier_workdir or sp.classifier_config)
-    _check_label(FLAGS.label, config.model.num_classes, guided)
-    _check_prompts(config.text.encoder)
-    edit_only = ("edit", "mask", "strength", "extend", "target_workdir")
-    used = [f"--{n}" for n in edit_only if getattr(FLAGS, n) is not None]
-    if FLAGS.mode != "edit" and used:
-        raise cli.BadInput(f"{', '.join(used)}: for --mode=edit only")
-    if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
-        raise cli.BadInput(f"--cpu_devices={FLAGS.cpu_devices}: must be >= 1 (or leave it out)")
-    if FLAGS.mode == "train":
-        if FLAGS.step is not None:
-            raise cli.BadInput(
-                "--step picks a checkpoint for --mode=eval/sample; training "
-                "always resumes from the newest one (drop --step)"
-            )
-        if FLAGS.label is not None:
-            raise cli.BadInput("--label is for --mode=sample (training sees the dataset's labels)")
-        if FLAGS.prompt is not None or FLAGS.negative_prompt is not None:
-            raise cli.BadInput("--prompt is for --mode=sample (training sees the captions)")
-        if FLAGS.num_samples is not None:
-            raise cli.BadInput(
-                "--num_samples is for --mode=sample; the training grids use "
-                "--config.train.num_samples"
-            )
-        cli.check_writable_dir(FLAGS.workdir, "--workdir")
-    elif FLAGS.mode == "reconstruct" and (lt.autoencoder_workdir or lt.diffusers_vae):
-        return  # the latent config's own autoencoder: no checkpoint of the workdir is read
-    elif not os.path.isdir(FLAGS.workdir):
-        what = "a file, not a workdir" if os.path.exists(FLAGS.workdir) else "not there"
-        raise cli.BadInput(
-            f"--workdir {FLAGS.workdir} is {what}: --mode={FLAGS.mode} reads "
-            f"the checkpoints a --mode=train run wrote there"
-        )
-
-
-def _check_label(label: str | None, num_classes: int, classifier_guided: bool) -> None:
-    if label is None or (classifier_guided and not num_classes):  # the classifier's classes
-        return
-    if not num_classes:
-        raise cli.BadInput(
-            f"--label={label}: this model is unconditional (config.model.num_classes=0); "
-            f"sample it without --label, or train a class-conditional one (configs/digits_class.py)"
-        )
-    if label == "auto" and FLAGS.mode != "edit":
-        raise cli.BadInput("--label=auto (the class read from the input) is for --mode=edit")
-    if label not in ("all", "auto") and not (label.isdigit() and int(label) < num_classes):
-        raise cli.BadInput(
-            f"--label={label}: a class index in [0, {num_classes - 1}], 'all' (--mode=sample) "
-            f"or 'auto' (--mode=edit) (config.model.num_classes={num_classes})"
-        )
-
-
-def _check_prompts(encoder: str) -> None:
-    given = [f for f in ("prompt", "negative_prompt") if FLAGS[f].value is not None]
-    if given and not encoder:
-        raise cli.BadInput(
-            f"--{given[0]}: this model has no text conditioning (config.text.encoder=''); "
-            f"train a text model (configs/digits_text.py)"
-        )
-    if FLAGS.prompt is not None and not FLAGS.prompt.strip():
-        raise cli.BadInput(
-            "--prompt is empty: give the text to draw, e.g. --prompt='a handwritten 3'"
-        )
 
 
 def _init_distributed(cpu_devices: int) -> None:

@@ -24,19 +24,38 @@ def _cli(workdir, data_dir, *flags):
     return cli("digits_class.py:tiny", workdir, data_dir, *flags)
 
 
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny class-conditional run: 4 steps, then resumed to 6 in the same workdir."""
+    """A tiny class-conditional run: 4 steps, then resumed to 6 in the same workdir (both here,
+    so each test of the module also runs alone); returns data_dir, workdir and the resume's log."""
     data_dir, work = tmp_path_factory.mktemp("tfds"), tmp_path_factory.mktemp("run")
     train.train_and_evaluate(_config(data_dir, num_steps=4, checkpoint_every_steps=2), str(work))
-    return data_dir, work
+    logger, records = logging.getLogger("diffjax"), _Records()
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(records)
+    try:
+        train.train_and_evaluate(
+            _config(data_dir, num_steps=6, checkpoint_every_steps=2), str(work)
+        )
+    finally:
+        logger.removeHandler(records)
+        logger.setLevel(level)
+    return data_dir, work, "\n".join(records.lines)
 
 
-def test_train_resume_and_the_final_grid_cover_every_class(trained, caplog):
-    data_dir, work = trained
-    caplog.set_level(logging.INFO, logger="diffjax")
-    train.train_and_evaluate(_config(data_dir, num_steps=6, checkpoint_every_steps=2), str(work))
-    assert "resumed from step 4" in caplog.text
+def test_train_resume_and_the_final_grid_cover_every_class(trained):
+    data_dir, work, resume_log = trained
+    assert "resumed from step 4" in resume_log
     ckpt = checkpoint.Checkpointer(str(work / "checkpoints"))
     assert ckpt.all_steps()[-1] == 6
     ckpt.close()
@@ -48,7 +67,7 @@ def test_train_resume_and_the_final_grid_cover_every_class(trained, caplog):
 
 
 def test_sample_by_label_from_the_cli(trained):
-    data_dir, work = trained
+    data_dir, work, _ = trained
     results = run_all(
         {
             "three": _cli(work, data_dir, "--mode=sample", "--label=3", "--num_samples=8"),
@@ -77,7 +96,7 @@ def test_sample_by_label_from_the_cli(trained):
 
 
 def test_bad_labels_are_one_line_errors_and_auto_reads_the_class_for_edits(trained, tmp_path):
-    data_dir, work = trained
+    data_dir, work, _ = trained
     before = sorted(os.listdir(work / "samples"))
     unconditional = cli("digits.py:tiny", work, None, "--mode=sample", "--label=3")
     digit = tmp_path / "in.png"
