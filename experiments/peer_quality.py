@@ -14,7 +14,11 @@ CPU the 1000-step rows take most of the time (~6-10 min at N = 512); `--samplers
 about 30 s. `--seeds 0,1,2` draws each sampler's N images under several sampling seeds (seed s
 > 0 written to `peer_<sampler>_s<s>.npz`) and adds their mean: at N = 512 one draw's FD moves by
 several tenths and its class KL by ~0.01 from one seed to another (README), and the peer's files
-are one draw each.
+are one draw each; `--saved` scores the draws an earlier run wrote instead of drawing again.
+After the table come real train digits scored the same way (`--real-draws` draws of N: their
+mean and range, what a perfect model's draws would score) and, for every row's images, the mean
+distance to the nearest test digit and to the nearest of as many train digits
+(`quality.nearest_real`): samples that copy training digits sit nearer the train digits.
 """
 
 import argparse
@@ -40,6 +44,7 @@ SAMPLERS = {
     "ddim50": ("ddim", 50, "leading", 0.0, "posterior"),
 }
 BATCH = 128
+SPREAD = ("class_kl", "fd", "fd_balanced")  # the real rows' columns given as a range
 
 
 def _row(name: str, r: dict) -> str:
@@ -82,6 +87,36 @@ def _sample(setup, params, config, key: str, num: int, seed: int) -> np.ndarray:
     return np.concatenate(out)[:num]
 
 
+def _at(step: int | None) -> str:
+    return "saved" if step is None else f"step {step}"
+
+
+def _print_real_rows(n: int, resize: str, draws: int) -> None:
+    """The real train digits' rows: `draws` draws of n scored like samples, their mean and range
+    (standard deviation); the confidence is the held-out test digits' (the classifier's own
+    training digits read ~0.998)."""
+    scores = quality.real_draw_scores(n, 16, resize, draws)
+    mean = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+    test = quality.to_digit_grid(quality.real_digits("test", 16, resize)[0])
+    mean.update(n=n, confidence=quality.label_stats(test)["confidence"])
+    print(_row(f"real train digits, mean of {draws} draws (confidence: test digits')", mean))
+    cells = [
+        f"{min(v):.{d}f}–{max(v):.{d}f} ({np.std(v, ddof=1):.{d}f})"
+        for v, d in (([s[k] for s in scores], 3 if k == "class_kl" else 2) for k in SPREAD)
+    ]
+    print(f"| the {draws} draws' range (standard deviation) | {n} | | | {' | '.join(cells)} |")
+
+
+def _print_nearest(rows: list[tuple[str, np.ndarray]], resize: str) -> None:
+    """Each set's mean distance to its nearest test digit and to its nearest of as many train
+    digits (`quality.nearest_real`): a set that copies training digits sits nearer the latter."""
+    print("\n| images | nearest test digit | nearest of as many train digits | gap |")
+    print("|---|---|---|---|")
+    for name, images in rows:
+        r = quality.nearest_real(images, 16, resize)
+        print(f"| {name} | {r['to_test']:.3f} | {r['to_train']:.3f} | {r['gap']:+.3f} |")
+
+
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",")]
@@ -109,6 +144,17 @@ def main() -> None:
     )
     parser.add_argument("--raw", action="store_true", help="The raw parameters, not the EMA.")
     parser.add_argument(
+        "--saved",
+        action="store_true",
+        help="Score the draws an earlier run wrote to <workdir>/samples/ instead of drawing.",
+    )
+    parser.add_argument(
+        "--real-draws",
+        type=int,
+        default=20,
+        help="Real train-digit draws of N scored like samples: their mean and range rows.",
+    )
+    parser.add_argument(
         "--resize",
         default="",
         help="The real reference's filter to 16x16 (default: the run's data.resize, else bicubic).",
@@ -124,18 +170,18 @@ def main() -> None:
 
     print("| images | N | confidence | coverage | class KL | FD | FD, class-balanced |")
     print("|---|---|---|---|---|---|---|")
+    nearest = []  # (row name, images) for the nearest-digit table
     for path in sorted(glob.glob(os.path.join(PEER_DIR, "*.npz"))):
         with np.load(path) as npz:
             peer = npz["x"][..., None]
-        print(
-            _row(
-                f"peer {os.path.basename(path)[len('diffusers_digits_') : -4]}",
-                _score(peer, min(args.num, len(peer)), resize),
-            ),
-            flush=True,
-        )
+        name = f"peer {os.path.basename(path)[len('diffusers_digits_') : -4]}"
+        print(_row(name, _score(peer, min(args.num, len(peer)), resize)), flush=True)
+        nearest.append((name, peer))
     if args.workdir:
-        if args.raw:
+        if args.saved:  # the draws an earlier run of this script wrote
+            setup = params = None
+            step = None
+        elif args.raw:
             setup = build.Setup(config)
             state, step = infer.restore_for_inference(setup, args.workdir, None)
             params = state.params
@@ -145,35 +191,28 @@ def main() -> None:
             rows = []
             for seed in args.seeds:
                 t0 = time.perf_counter()
-                images = _sample(setup, params, config, key, args.num, seed)
                 suffix = f"_s{seed}" if seed else ""
-                np.savez_compressed(
-                    os.path.join(args.workdir, "samples", f"peer_{key}{suffix}.npz"), images=images
-                )
+                path = os.path.join(args.workdir, "samples", f"peer_{key}{suffix}.npz")
+                if args.saved:
+                    with np.load(path) as npz:
+                        images = npz["images"][: args.num]
+                else:
+                    images = _sample(setup, params, config, key, args.num, seed)
+                    np.savez_compressed(path, images=images)
                 r = _score(images, args.num, resize)
                 rows.append(r)
+                nearest.append((f"{args.label} {_at(step)} {key} seed {seed}", images))
                 print(
-                    _row(f"{args.label} step {step} {key} seed {seed}", r)
+                    _row(f"{args.label} {_at(step)} {key} seed {seed}", r)
                     + f" <!-- {time.perf_counter() - t0:.0f} s -->",
                     flush=True,
                 )
             if len(rows) > 1:
                 mean = {k: float(np.mean([x[k] for x in rows])) for k in rows[0]}
                 mean["n"] = args.num
-                print(_row(f"{args.label} step {step} {key} mean of {len(rows)} seeds", mean))
-        print(
-            _row(
-                "real digits (reference)",
-                {
-                    "n": args.num,
-                    "confidence": r["confidence_real"],
-                    "coverage": r["coverage_real"],
-                    "class_kl": r["class_kl_real"],
-                    "fd": r["fd_real"],
-                    "fd_balanced": r["fd_real"],  # real train digits: the test's shares
-                },
-            )
-        )
+                print(_row(f"{args.label} {_at(step)} {key} mean of {len(rows)} seeds", mean))
+    _print_real_rows(args.num, resize, args.real_draws)
+    _print_nearest(nearest, resize)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,42 @@ def test_features_feed_the_output_layer_to_the_classifier_probabilities():
     probs = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(probs, model.predict_proba(grid), atol=1e-10)
+
+
+def test_real_draw_scores_are_real_digits_scored_like_samples():
+    """The first REAL_DRAWS draws are real_distance's own subsamples; the whole split is one set."""
+    draws = quality.real_draw_scores(256, 16, draws=quality.REAL_DRAWS + 2)
+    fds = [d["fd"] for d in draws]
+    assert len(draws) == quality.REAL_DRAWS + 2 and np.std(fds) > 0
+    assert np.isclose(np.mean(fds[: quality.REAL_DRAWS]), quality.real_distance(256, 16))
+    assert all(d["coverage"] == 10 and d["confidence"] > 0.95 for d in draws)
+    whole = quality.real_draw_scores(5000, 16, draws=2)
+    train, _ = quality.real_digits("train", 16)
+    test, _ = quality.real_digits("test", 16)
+    direct = quality.feature_distance(
+        quality.features(quality.to_digit_grid(train)),
+        quality.features(quality.to_digit_grid(test)),
+    )
+    assert whole[0]["n"] == whole[1]["n"] == len(train)  # the same set, in another order
+    for key in ("confidence", "class_kl", "fd", "fd_balanced"):
+        assert np.isclose(whole[0][key], whole[1][key], rtol=1e-5)
+    assert np.isclose(whole[0]["fd"], direct)
+
+
+def test_nearest_distances_match_brute_force():
+    rng = np.random.default_rng(6)
+    a, b = rng.uniform(size=(7, 64)), rng.uniform(size=(11, 64))
+    brute = [min(np.linalg.norm(x - y) for y in b) for x in a]
+    np.testing.assert_allclose(quality._nearest(a, b), brute, rtol=1e-9)
+
+
+def test_nearest_real_of_slightly_faded_test_digits():
+    """Test digits pulled 2% towards grey sit 0.02·‖g − ½‖ from themselves, their nearest test
+    digit; train digits of the same number are farther away, so the gap is negative."""
+    images, _ = quality.real_digits("test", 16)
+    faded = 0.98 * images
+    grid = quality.to_digit_grid(images)
+    expected = np.mean(0.02 * np.linalg.norm(grid - 0.5, axis=1))
+    result = quality.nearest_real(faded, 16)
+    assert np.isclose(result["to_test"], expected, rtol=1e-6)
+    assert result["to_train"] > 10 * expected and result["gap"] < 0
