@@ -11,6 +11,7 @@ and, with --cases, configs/digits.py's U-Nets at batch 64:
   digits-base the earlier full-resolution one (no attention at 8x8).
   digits-32   the same on 2x2 patches folded into channels (patch_size=2).
   digits      today's default: on folded patches, 64 channels at every level.
+  digits-b32, digits-b16  the same at batch 32 and 16.
 
 Each measurement runs in a fresh child process (so its peak RSS is its own): the compiled train
 step (ε-MSE, AdamW, EMA) and the compiled DDPM sampling loop, median of --steps timed calls after
@@ -72,6 +73,9 @@ CASES["digits"] = dict(
     shape=(16, 16, 1),
     model=dict(DIGITS, dropout=0.0, patch_size=2, base_channels=64, channel_mults=(1, 1, 1)),
 )
+# The same network at smaller batches: on a 2-core CPU the step's cost is not linear in the batch.
+CASES["digits-b32"] = dict(CASES["digits"], batch=32)
+CASES["digits-b16"] = dict(CASES["digits"], batch=16)
 MARK = "@@BENCH@@"
 
 
