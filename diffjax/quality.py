@@ -216,9 +216,7 @@ def real_distance(n: int, image_size: int, resize: str = "bicubic") -> float:
       The mean Fréchet distance.
     """
     train, test, _ = _reference(image_size, resize)
-    rng = np.random.default_rng(SEED)
-    n = min(n, len(train))
-    draws = [train[rng.choice(len(train), n, replace=False)] for _ in range(REAL_DRAWS)]
+    draws = [train[idx] for idx in _train_picks(len(train), n, REAL_DRAWS)]
     return float(np.mean([feature_distance(draw, test) for draw in draws]))
 
 
@@ -242,9 +240,7 @@ def real_draw_scores(
       'class_kl', 'fd', 'fd_balanced').
     """
     images = real_digits("train", image_size, resize)[0]
-    rng = np.random.default_rng(SEED)
-    n = min(n, len(images))
-    picks = [rng.choice(len(images), n, replace=False) for _ in range(draws)]
+    picks = _train_picks(len(images), n, draws)
     return [_sample_scores(to_digit_grid(images[idx]), image_size, resize) for idx in picks]
 
 
@@ -270,11 +266,17 @@ def nearest_real(samples: np.ndarray, image_size: int | None = None, resize: str
     grid = to_digit_grid(samples)
     test = to_digit_grid(real_digits("test", image_size, resize)[0])
     train = to_digit_grid(real_digits("train", image_size, resize)[0])
-    rng = np.random.default_rng(SEED)
-    subsets = [train[rng.choice(len(train), len(test), replace=False)] for _ in range(REAL_DRAWS)]
+    subsets = [train[idx] for idx in _train_picks(len(train), len(test), REAL_DRAWS)]
     to_test = float(_nearest(grid, test).mean())
     to_train = float(np.mean([_nearest(grid, subset).mean() for subset in subsets]))
     return {"to_test": to_test, "to_train": to_train, "gap": to_test - to_train}
+
+
+def _train_picks(total: int, n: int, draws: int) -> list[np.ndarray]:
+    """The seeded train subsamples every real reference uses: `draws` index sets of
+    min(n, total) of range(total), without replacement, the same on every call."""
+    rng = np.random.default_rng(SEED)
+    return [rng.choice(total, min(n, total), replace=False) for _ in range(draws)]
 
 
 def _nearest(a: np.ndarray, b: np.ndarray) -> np.ndarray:

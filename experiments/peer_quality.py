@@ -44,7 +44,7 @@ SAMPLERS = {
     "ddim50": ("ddim", 50, "leading", 0.0, "posterior"),
 }
 BATCH = 128
-SPREAD = ("class_kl", "fd", "fd_balanced")  # the real rows' columns given as a range
+SPREAD = {"class_kl": 3, "fd": 2, "fd_balanced": 2}  # the real rows' ranged columns: decimals
 
 
 def _row(name: str, r: dict) -> str:
@@ -100,10 +100,10 @@ def _print_real_rows(n: int, resize: str, draws: int) -> None:
     test = quality.to_digit_grid(quality.real_digits("test", 16, resize)[0])
     mean.update(n=n, confidence=quality.label_stats(test)["confidence"])
     print(_row(f"real train digits, mean of {draws} draws (confidence: test digits')", mean))
-    cells = [
-        f"{min(v):.{d}f}–{max(v):.{d}f} ({np.std(v, ddof=1):.{d}f})"
-        for v, d in (([s[k] for s in scores], 3 if k == "class_kl" else 2) for k in SPREAD)
-    ]
+    cells = []
+    for key, d in SPREAD.items():  # d: decimals shown
+        v = [s[key] for s in scores]
+        cells.append(f"{min(v):.{d}f}–{max(v):.{d}f} ({np.std(v, ddof=1):.{d}f})")
     print(f"| the {draws} draws' range (standard deviation) | {n} | | | {' | '.join(cells)} |")
 
 
