@@ -67,6 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
         beta_end=0.0,  # linear/scaled_linear: β_T (linear: for T = 1000); 0 = the schedule's.
         target="eps",  # What the network predicts: eps | x0 | v.
         zero_terminal_snr=False,  # Rescale the schedule so ᾱ_T = 0 (needs target v or x0).
+        snr_scale=1.0,  # Multiply every step's SNR by this: < 1 noisier (larger images), > 1 less.
         learned_variance=False,  # The network also outputs the reverse variance (2C channels).
         loss="simple",  # simple | hybrid (simple + λ·VLB, learned variance) | vlb.
         vlb_weight=0.001,  # λ of the hybrid loss.

@@ -204,7 +204,11 @@ def schedule(config) -> schedules.Schedule:
     kw = {k: df.get(k, 0.0) for k in ("beta_start", "beta_end")}
     kw = {k: v for k, v in kw.items() if v}  # 0: the schedule's own
     return schedules.make_schedule(
-        df.schedule, df.num_steps, zero_terminal_snr=df.zero_terminal_snr, **kw
+        df.schedule,
+        df.num_steps,
+        zero_terminal_snr=df.zero_terminal_snr,
+        snr_scale=df.get("snr_scale", 1.0),
+        **kw,
     )
 
 

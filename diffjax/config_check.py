@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import jax
@@ -270,6 +271,9 @@ def _check_diffusion(df, fail) -> None:
     ):
         if value not in choices:
             fail(f"diffusion.{field}", f"unknown {value!r}; choose one of {choices}")
+    scale = df.get("snr_scale", 1.0)
+    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+        fail("diffusion.snr_scale", f"must be a positive number (1 = the schedule's), got {scale}")
     if df.zero_terminal_snr and df.target == "eps":
         fail(
             "diffusion.zero_terminal_snr",

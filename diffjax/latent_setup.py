@@ -61,7 +61,17 @@ def read_run_config_or(workdir: str, make_default) -> ml_collections.ConfigDict:
 # The diffusion process a run's parameters were trained under. The same parameters read under
 # other values restore without an error and then sample or train something else, so a config that
 # changes one of them is refused against the run's config.json.
-PROCESS_FIELDS = ("schedule", "num_steps", "beta_start", "beta_end", "target", "zero_terminal_snr")
+PROCESS_FIELDS = (
+    "schedule",
+    "num_steps",
+    "beta_start",
+    "beta_end",
+    "target",
+    "zero_terminal_snr",
+    "snr_scale",
+)
+# What a run whose config.json predates a field trained under (other missing fields: unknown).
+SINCE_ADDED = {"snr_scale": 1.0}
 
 
 def check_same_process(config, workdir: str) -> None:
@@ -70,10 +80,11 @@ def check_same_process(config, workdir: str) -> None:
     if not os.path.isfile(os.path.join(workdir, latent.CONFIG_FILE)):
         return
     theirs = read_run_config(workdir).diffusion
+    theirs = {k: theirs.get(k, SINCE_ADDED.get(k)) for k in PROCESS_FIELDS}
     differ = [
         (k, config.diffusion[k], theirs[k])
         for k in PROCESS_FIELDS
-        if k in theirs and k in config.diffusion and config.diffusion[k] != theirs[k]
+        if theirs[k] is not None and k in config.diffusion and config.diffusion[k] != theirs[k]
     ]
     if differ:
         said = "; ".join(f"diffusion.{k} is {a!r} here, {b!r} there" for k, a, b in differ)

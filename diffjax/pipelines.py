@@ -350,6 +350,11 @@ def to_scheduler(config: ml_collections.ConfigDict) -> dict:
     kind = {v: k for k, v in BETA_SCHEDULES.items()}.get(df.schedule)
     if kind is None:
         raise cli.BadInput(f"config.diffusion.schedule={df.schedule!r} has no diffusers name")
+    if df.get("snr_scale", 1.0) != 1.0:
+        raise cli.BadInput(
+            f"config.diffusion.snr_scale={df.snr_scale} has no diffusers scheduler setting; "
+            "export a run trained with snr_scale=1"
+        )
     out = dict(
         _class_name="DDPMScheduler",
         num_train_timesteps=df.num_steps,

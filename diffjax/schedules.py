@@ -111,6 +111,17 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return 1.0 - alpha_bar / np.append(1.0, alpha_bar[:-1])
 
 
+def scale_snr(betas: np.ndarray, scale: float) -> np.ndarray:
+    """The β's whose every step has `scale` times the SNR ᾱ / (1 - ᾱ) of the given ones.
+
+    The shift of "simple diffusion" (Hoogeboom et al. 2023, §3.1: log-SNR + 2 log(s) with s < 1
+    for larger images): ᾱ' = k·ᾱ / (1 + (k - 1)·ᾱ) keeps ᾱ' in [0, 1] and ᾱ_T = 0 where it was 0.
+    """
+    alpha_bar = np.cumprod(1.0 - np.asarray(betas, np.float64))
+    shifted = scale * alpha_bar / (1.0 + (scale - 1.0) * alpha_bar)
+    return 1.0 - shifted / np.append(1.0, shifted[:-1])
+
+
 def schedule_from_betas(betas: np.ndarray, dtype=jnp.float32) -> Schedule:
     """Derives every schedule quantity from β in float64, then casts to `dtype`.
 
@@ -155,11 +166,13 @@ def make_schedule(
     dtype=jnp.float32,
     *,
     zero_terminal_snr: bool = False,
+    snr_scale: float = 1.0,
     **kwargs,
 ) -> Schedule:
     """Builds a named schedule ("linear", "cosine", "scaled_linear", "sigmoid").
 
-    With `zero_terminal_snr`, the β's are rescaled so that ᾱ_T = 0 (`rescale_zero_terminal_snr`).
+    With `zero_terminal_snr`, the β's are rescaled so that ᾱ_T = 0 (`rescale_zero_terminal_snr`);
+    then every step's SNR is multiplied by `snr_scale` (`scale_snr`; 1 = unchanged).
     """
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
@@ -168,6 +181,10 @@ def make_schedule(
     betas = SCHEDULES[name](num_steps, **kwargs)
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
+    if snr_scale != 1.0:
+        if not (math.isfinite(snr_scale) and snr_scale > 0):
+            raise ValueError(f"snr_scale must be a positive number, got {snr_scale}")
+        betas = scale_snr(betas, snr_scale)
     return schedule_from_betas(betas, dtype)
 
 

@@ -222,6 +222,10 @@ def test_another_diffusion_process_is_refused_on_resume_and_sample(tmp_path, dat
     with pytest.raises(config_check.ConfigError, match="diffusion.target is 'v' here, 'eps'") as e:
         infer.load_ema(other, workdir)
     assert "zero_terminal_snr" not in str(e.value)
+    # ... except a field whose absence says what the run used: it predates snr_scale, so 1.
+    other.diffusion.update(zero_terminal_snr=False, target="eps", snr_scale=0.5)
+    with pytest.raises(config_check.ConfigError, match="snr_scale is 0.5 here, 1.0 there"):
+        infer.load_ema(other, workdir)
 
 
 def test_cli_rejects_bad_config_before_compiling(tmp_path, data_dir):

@@ -59,6 +59,29 @@ def test_derived_quantities(name):
     )
 
 
+@pytest.mark.parametrize("name", sorted(schedules.SCHEDULES))
+@pytest.mark.parametrize("k", [0.25, 4.0])
+def test_snr_scale_multiplies_every_steps_snr(name, k):
+    """log-SNR shifted by log k at every t (Hoogeboom et al. 2023), computed from the closed-form
+    ᾱ of the unscaled schedule, in float64; the zero-terminal-SNR end stays at ᾱ_T = 0."""
+    base = np.cumprod(1 - schedules.SCHEDULES[name](1000))
+    shifted = np.cumprod(1 - schedules.scale_snr(schedules.SCHEDULES[name](1000), k))
+    np.testing.assert_allclose(
+        np.log(shifted) - np.log1p(-shifted),
+        np.log(base) - np.log1p(-base) + math.log(k),
+        atol=1e-9,
+    )
+    s = schedules.make_schedule(name, 1000, snr_scale=k)
+    np.testing.assert_allclose(s.log_snr, np.log(base / (1 - base)) + math.log(k), atol=2e-4)
+    assert np.all((np.asarray(s.betas) > 0) & (np.asarray(s.betas) < 1))
+    z = schedules.make_schedule(name, 1000, zero_terminal_snr=True, snr_scale=k)
+    assert float(z.alpha_bar[-1]) == 0.0 and float(z.betas[-1]) == 1.0
+    unit = schedules.make_schedule(name, 1000, snr_scale=1.0)
+    np.testing.assert_array_equal(unit.betas, schedules.make_schedule(name, 1000).betas)
+    with pytest.raises(ValueError, match="snr_scale must be a positive number, got 0"):
+        schedules.make_schedule(name, 1000, snr_scale=0.0)
+
+
 def test_unknown_schedule_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown schedule 'cosin'.*cosine"):
         schedules.make_schedule("cosin")

@@ -162,6 +162,8 @@ def test_ema_tracks_params_with_warmup():
         ("diffusion.loss", "kl", "diffusion.loss: unknown 'kl'"),
         ("diffusion.t_sampling", "importance", "diffusion.t_sampling: importance sampling"),
         ("diffusion.zero_terminal_snr", True, "diffusion.zero_terminal_snr: ε-prediction"),
+        ("diffusion.snr_scale", 0.0, "diffusion.snr_scale: must be a positive number"),
+        ("diffusion.snr_scale", float("nan"), "diffusion.snr_scale: must be a positive number"),
         ("diffusion.loss", "hybrid", "diffusion.loss: 'hybrid' trains the learned variance"),
         ("diffusion.learned_variance", True, "diffusion.learned_variance: L_simple never trains"),
         ("train.num_samples", 0, "train.num_samples"),
