@@ -329,3 +329,17 @@ def test_bfloat16_and_float16_checkpoints_load_upcast(tmp_path):
             np.testing.assert_array_equal(
                 np.asarray(p), np.asarray(q).astype(dtype).astype(np.float32)
             )
+
+
+def test_scheduler_export_refuses_what_diffusers_cannot_say():
+    """A schedule diffusers has no name or setting for is refused by the field, not written as
+    a scheduler that would sample another process."""
+    config = default.get_config()
+    config.diffusion.schedule = "cosine"
+    assert pipelines.to_scheduler(config)["beta_schedule"] == "squaredcos_cap_v2"
+    config.diffusion.snr_scale = 0.25
+    with pytest.raises(pipelines.cli.BadInput, match="diffusion.snr_scale=0.25 has no diffusers"):
+        pipelines.to_scheduler(config)
+    config.diffusion.update(schedule="sigmoid", snr_scale=1.0)
+    with pytest.raises(pipelines.cli.BadInput, match="schedule=.sigmoid' has no diffusers name"):
+        pipelines.to_scheduler(config)
