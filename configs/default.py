@@ -24,6 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
         channels=3,  # 1 (grey) or 3 (RGB).
         random_flip=True,  # Random horizontal flips.
         worker_count=0,  # grain worker processes; 0 = read in the main process.
+        cache_mib=256.0,  # Keep decoded, resized examples in memory if they fit in this; 0 = off.
     )
     config.model = dict(
         base_channels=128,  # Channels of the first level.

@@ -33,6 +33,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         fail("data.channels", f"must be 1 or 3, got {d.channels}")
     if d.resize not in RESIZE:
         fail("data.resize", f"unknown {d.resize!r}; choose one of {sorted(RESIZE)}")
+    if not d.get("cache_mib", 0) >= 0:  # also catches NaN
+        fail("data.cache_mib", f"must be >= 0 (0 = keep nothing), got {d.cache_mib}")
     if d.name == "image_folder" and not d.folder:
         fail("data.folder", "data.name='image_folder' needs the path of your image directory")
     if not 0.0 <= m.dropout < 1.0:

@@ -107,6 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         worker_count=d.worker_count,
         captions=captions,
         resize=d.resize,
+        cache_mib=d.cache_mib,
     )
     if data_state is None:
         state, last_saved = setup.create_state(), None

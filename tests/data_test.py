@@ -1,5 +1,6 @@
 """Tests for diffjax.data: the builders, the catalog loader, the grain pipeline."""
 
+import collections
 import json
 import os
 import shutil
@@ -397,6 +398,51 @@ def test_resume_under_another_batch_size_continues_at_the_same_example(digits_di
         assert resumed.get_state()["next_example"] == 30 * 64 + 4 * 48
     with pytest.raises(ValueError, match="version"):
         resumed.set_state({**state, "version": 9})
+
+
+class CountingSource:
+    """Counts the reads of each record of `source`."""
+
+    def __init__(self, source):
+        self.source, self.reads = source, collections.Counter()
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return self.source[i]
+
+
+def test_kept_examples_give_the_same_stream_and_read_each_record_once(digits_dir):
+    """With `cache_mib` large enough every record is read once, over three epochs and a resume
+    under another batch size, and the batches (flips included) are bit-identical to reading
+    every time; below the size, nothing is kept."""
+    source = data.load_source("digits", "train", digits_dir)
+    kwargs = dict(image_size=16, channels=1, seed=5, random_flip=True, resize="nearest")
+    reference = _take(data.make_train_iterator(source, global_batch=64, **kwargs), 75)
+    counted = CountingSource(source)
+    size = data.kept_bytes(source, 16, 1)
+    assert size == len(source) * 16 * 16  # uint8 images
+    kept = data.make_train_iterator(counted, global_batch=64, cache_mib=size / 2**20, **kwargs)
+    batches = _take(kept, 50)  # 3200 examples: over two epochs of 1501
+    assert set(counted.reads) == set(range(len(source)))
+    # Once each; reader threads may both decode a record asked for twice at once (an epoch's
+    # end beside the next one's start), hence the slack.
+    assert sum(counted.reads.values()) <= len(source) + 8
+    resumed = data.make_train_iterator(counted, global_batch=32, cache_mib=1, **kwargs)
+    resumed.set_state(kept.get_state())
+    batches += _take(resumed, 50)
+    for a, b in zip(reference[:50], batches[:50], strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    tail = np.concatenate([b["image"] for b in batches[50:]])
+    np.testing.assert_array_equal(tail, np.concatenate([b["image"] for b in reference[50:]]))
+    assert sum(counted.reads.values()) <= 2 * len(source) + 16  # the resumed one keeps its own
+    over = CountingSource(source)
+    limit = size / 2**20 * 0.99
+    _take(data.make_train_iterator(over, global_batch=64, cache_mib=limit, **kwargs), 50)
+    assert sum(over.reads.values()) >= 50 * 64  # not kept: every example read
 
 
 def test_eval_iterator_covers_the_test_split_once(digits_dir):

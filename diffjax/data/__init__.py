@@ -8,6 +8,7 @@ from diffjax.data.photos import Photos
 from diffjax.data.pipeline import (
     RESIZE,
     TrainIterator,
+    kept_bytes,
     make_eval_iterator,
     make_train_iterator,
     preprocess_image,
@@ -24,6 +25,7 @@ __all__ = [
     "RecordSource",
     "TrainIterator",
     "get_builder",
+    "kept_bytes",
     "load_source",
     "make_eval_iterator",
     "make_train_iterator",

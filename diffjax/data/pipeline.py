@@ -41,6 +41,11 @@ def preprocess_image(
     Returns:
       float32 [S, S, channels] in [-1, 1].
     """
+    return _unit_range(resize_image(image, image_size, channels, resize))
+
+
+def resize_image(image: np.ndarray, image_size: int, channels: int, resize: str) -> np.ndarray:
+    """`preprocess_image` before the scaling: uint8 [S, S, channels]."""
     image = np.asarray(image, np.uint8)
     image = image[..., None] if image.ndim == 2 else image[..., :3]  # drop alpha
     height, width = image.shape[:2]
@@ -51,8 +56,11 @@ def preprocess_image(
     pil = pil.convert("L" if channels == 1 else "RGB")
     if side != image_size:
         pil = pil.resize((image_size, image_size), RESIZE[resize])
-    array = np.asarray(pil, np.float32).reshape(image_size, image_size, channels)
-    return array / 127.5 - 1.0
+    return np.asarray(pil, np.uint8).reshape(image_size, image_size, channels)
+
+
+def _unit_range(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) / 127.5 - 1.0
 
 
 def upsampling_warning(source, image_size: int, probe: int = 32) -> str | None:
@@ -84,17 +92,51 @@ def _example(record, image_size: int, channels: int, captions=None, resize="bicu
             example["flipped_mean"] = np.asarray(record["latent_mean"][1], np.float32)
             example["flipped_std"] = np.asarray(record["latent_std"][1], np.float32)
         if "image" in record:  # a latent spatial model's condition is made from the image
-            example["image"] = preprocess_image(record["image"], image_size, channels, resize)
+            example["image"] = resize_image(record["image"], image_size, channels, resize)
     else:
-        image = preprocess_image(record["image"], image_size, channels, resize)
+        image = resize_image(record["image"], image_size, channels, resize)
         example = {"image": image, "label": np.int32(record.get("label", 0))}
     if captions is not None:
         example["caption_choices"] = np.asarray(captions.choices(record), np.int32)
-    return example
+    return example  # its image still uint8: `_scaled` brings it to [-1, 1]
+
+
+def _scaled(example: dict) -> dict:
+    if "image" not in example:
+        return example
+    return {**example, "image": _unit_range(example["image"])}
+
+
+class _Kept:
+    """The random-access source of `fn(source[i])`, each computed once, when first asked for, and
+    kept in memory: later epochs skip reading, decoding and resizing."""
+
+    def __init__(self, source, fn):
+        self._source, self._fn = source, fn
+        self._kept = [None] * len(source)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def __getitem__(self, index: int):
+        kept = self._kept[index]
+        if kept is None:  # threads may both compute it: the same value either way
+            kept = self._kept[index] = self._fn(self._source[index])
+        return kept
+
+
+def kept_bytes(source, image_size: int, channels: int, process_count: int = 1) -> int | None:
+    """The memory one process's `_Kept` examples take once every one was read (uint8 images;
+    labels and caption choices are small), or None for a source that is already in memory (a
+    latent model's encoded examples)."""
+    if len(source) and "latent_mean" in source[0]:
+        return None
+    return math.ceil(len(source) / process_count) * image_size * image_size * channels
 
 
 def _pick_caption(example: dict, rng: np.random.Generator) -> dict:
     """One of the example's captions, drawn anew each epoch (a pure function of the position)."""
+    example = dict(example)
     example = dict(example)
     choices = example.pop("caption_choices")
     example["caption"] = np.int32(choices[rng.integers(len(choices))])
@@ -235,6 +277,7 @@ def make_train_iterator(
     process_count: int | None = None,
     captions=None,
     resize: str = "bicubic",
+    cache_mib: float = 0,
 ) -> TrainIterator:
     """The training stream: this process's shard, reshuffled every epoch, repeated forever.
 
@@ -251,6 +294,9 @@ def make_train_iterator(
       captions: a `data.captions.Captions`: batches then carry 'caption' int32 [b], an index into
         `captions.texts`, drawn per example and epoch among the example's captions.
       resize: the filter to image_size (`preprocess_image`).
+      cache_mib: keep every example decoded and resized in memory after its first read when
+        this process's share takes at most this many MiB (`kept_bytes`); 0 = never. The stream
+        is the same either way; only the work per epoch changes.
 
     Returns:
       A TrainIterator (see its docstring for the checkpointable state).
@@ -261,11 +307,17 @@ def make_train_iterator(
     batch = _per_process_batch(global_batch, process_count)
     seeds = np.random.SeedSequence(seed).generate_state(3)
     shuffle_seed, flip_seed, caption_seed = (int(s) for s in seeds)
-    dataset = _shard(source, process_index, process_count).shuffle(seed=shuffle_seed).repeat()
     example = functools.partial(
         _example, image_size=image_size, channels=channels, captions=captions, resize=resize
     )
-    dataset = dataset.map(example)
+    size = kept_bytes(source, image_size, channels, process_count)
+    keep = size is not None and size <= cache_mib * 2**20
+    if keep:  # examples are pure functions of their records: made before the shuffle instead
+        source = _Kept(source, example)
+    dataset = _shard(source, process_index, process_count).shuffle(seed=shuffle_seed).repeat()
+    if not keep:
+        dataset = dataset.map(example)
+    dataset = dataset.map(_scaled)
     if random_flip:
         dataset = dataset.random_map(_random_flip, seed=flip_seed)
     if captions is not None:
@@ -320,7 +372,7 @@ def make_eval_iterator(
     example = functools.partial(
         _example, image_size=image_size, channels=channels, captions=captions, resize=resize
     )
-    dataset = dataset.map(example)
+    dataset = dataset.map(example).map(_scaled)
     if captions is not None:
         dataset = dataset.map(_first_caption)
     dataset = dataset.batch(batch, drop_remainder=False).to_iter_dataset(

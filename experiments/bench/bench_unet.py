@@ -12,6 +12,8 @@ and, with --cases, configs/digits.py's U-Nets at batch 64:
   digits-32   the same on 2x2 patches folded into channels (patch_size=2).
   digits      today's default: on folded patches, 64 channels at every level.
   digits-b32, digits-b16  the same at batch 32 and 16.
+  digits-2lv  the default with two levels (8, 4) instead of three.
+  digits-2lv48  the same with 48 channels.
 
 Each measurement runs in a fresh child process (so its peak RSS is its own): the compiled train
 step (ε-MSE, AdamW, EMA) and the compiled DDPM sampling loop, median of --steps timed calls after
@@ -76,6 +78,13 @@ CASES["digits"] = dict(
 # The same network at smaller batches: on a 2-core CPU the step's cost is not linear in the batch.
 CASES["digits-b32"] = dict(CASES["digits"], batch=32)
 CASES["digits-b16"] = dict(CASES["digits"], batch=16)
+# Two levels (8 and 4 on the folded grid, the middle blocks at 4x4): about the same FLOPs as
+# three, but the 2x2 level's many small operations cost ~20% of the step on a 2-core CPU.
+TWO_LEVELS = dict(CASES["digits"]["model"], channel_mults=(1, 1))
+CASES["digits-2lv"] = dict(CASES["digits"], model=TWO_LEVELS)
+CASES["digits-2lv48"] = dict(
+    CASES["digits"], model=dict(TWO_LEVELS, base_channels=48, num_groups=16)
+)
 MARK = "@@BENCH@@"
 
 
