@@ -53,6 +53,13 @@ def test_training_stream_draws_a_caption_of_the_class_per_example_and_epoch(tmp_
     again = data.make_train_iterator(source, captions=table, **kw)
     again.set_state(state)
     np.testing.assert_array_equal(next(again)["caption"], next(it)["caption"])
+    # Examples kept in memory (`data.cache_mib`) draw the same captions, epoch after epoch.
+    plain = data.make_train_iterator(source, captions=table, **kw)
+    kept = data.make_train_iterator(source, captions=table, cache_mib=1, **kw)
+    for _ in range(12):
+        a, b = next(plain), next(kept)
+        np.testing.assert_array_equal(a["caption"], b["caption"])
+        np.testing.assert_array_equal(a["image"], b["image"])
 
 
 ODD_TEXTS = [
