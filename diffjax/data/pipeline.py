@@ -137,7 +137,6 @@ def kept_bytes(source, image_size: int, channels: int, process_count: int = 1) -
 def _pick_caption(example: dict, rng: np.random.Generator) -> dict:
     """One of the example's captions, drawn anew each epoch (a pure function of the position)."""
     example = dict(example)
-    example = dict(example)
     choices = example.pop("caption_choices")
     example["caption"] = np.int32(choices[rng.integers(len(choices))])
     return example
