@@ -10,7 +10,7 @@ Cases (the networks of ../shared/peers/README.md, built with diffjax.models.UNet
 and, with --cases, configs/digits.py's U-Nets at batch 64:
   digits-base the earlier full-resolution one (no attention at 8x8).
   digits-32   the same on 2x2 patches folded into channels (patch_size=2).
-  digits      the default until 2026-12-05: on folded patches, 64 channels at 3 levels.
+  digits      the three-level default before today's: folded patches, 64 channels at 3 levels.
   digits-b32, digits-b16  the same at batch 32 and 16.
   digits-2lv  today's default: the same with two levels (8, 4) instead of three.
   digits-2lv48  the same with 48 channels.
