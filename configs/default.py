@@ -122,8 +122,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optim = dict(
         lr=2e-4,  # Peak AdamW learning rate.
         warmup_steps=5000,  # Linear warm-up from 0 to lr.
-        lr_schedule="constant",  # After warm-up: constant | cosine (decays to the last step).
-        final_lr_ratio=0.0,  # cosine: the rate at train.num_steps, as a fraction of lr.
+        lr_schedule="constant",  # After warm-up: constant | cosine | linear (decays to the end)
+        final_lr_ratio=0.0,  # cosine, linear: the rate at train.num_steps, as a fraction of lr.
         weight_decay=0.0,  # AdamW decoupled weight decay (0: plain Adam).
         b1=0.9,  # Adam β1.
         b2=0.999,  # Adam β2.

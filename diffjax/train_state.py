@@ -25,7 +25,7 @@ class TrainState:
     loss_history: losses.LossHistory  # per-t L_t history, for importance sampling of t
 
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def learning_rate(
@@ -35,8 +35,8 @@ def learning_rate(
     decay_steps: int = 0,
     final_lr_ratio: float = 0.0,
 ) -> optax.Schedule:
-    """Linear warm-up from 0 to `lr`, then constant (DDPM) or a cosine decay that reaches
-    `final_lr_ratio · lr` at step `decay_steps` (the run's last step) and stays there."""
+    """Linear warm-up from 0 to `lr`, then constant (DDPM), or a cosine or linear decay that
+    reaches `final_lr_ratio · lr` at step `decay_steps` (the run's last step) and stays there."""
     warmup = max(1, warmup_steps)
     if schedule == "constant":
         return optax.linear_schedule(0.0, lr, warmup)
@@ -44,6 +44,9 @@ def learning_rate(
         return optax.warmup_cosine_decay_schedule(
             0.0, lr, warmup, max(decay_steps, warmup + 1), end_value=final_lr_ratio * lr
         )
+    if schedule == "linear":
+        decay = optax.linear_schedule(lr, final_lr_ratio * lr, max(decay_steps - warmup, 1))
+        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {LR_SCHEDULES}")
 
 
