@@ -144,6 +144,23 @@ def test_ema_tracks_params_with_warmup():
         np.testing.assert_allclose(e, 0.1 * o + 0.9 * np.asarray(p), atol=1e-6)
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+@pytest.mark.parametrize("final", [0.0, 0.1])
+def test_learning_rate_schedules_closed_form(schedule, final):
+    lr, warmup, total = 3e-3, 100, 2200
+    rate = train_state.learning_rate(lr, warmup, schedule, total, final)
+    steps_ = np.array([0, 37, 100, 640, 1150, 1900, 2199, 2200, 2600])
+    progress = np.clip((steps_ - warmup) / (total - warmup), 0.0, 1.0)  # of the decay
+    after = {
+        "constant": np.ones_like(progress),
+        "cosine": final + (1 - final) * 0.5 * (1 + np.cos(np.pi * progress)),
+        "linear": 1 - (1 - final) * progress,
+    }[schedule]
+    want = lr * np.where(steps_ < warmup, steps_ / warmup, after)
+    got = np.array([float(rate(s)) for s in steps_])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "field,value,match",
     [
@@ -172,6 +189,8 @@ def test_ema_tracks_params_with_warmup():
         ("mesh.data", 9, "mesh.data"),
         ("mesh.fsdp", 3, "mesh.fsdp: 3 must be >= 1 and divide the 8 devices"),
         ("train.grad_accum_steps", 3, "train.grad_accum_steps: 3 microbatches"),
+        ("optim.lr_schedule", "step", "optim.lr_schedule: unknown 'step'.*'linear'"),
+        ("optim.final_lr_ratio", 1.5, "optim.final_lr_ratio: must be in"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, match):
