@@ -210,7 +210,8 @@ class TrainIterator:
 
     def _start(self):
         examples = self._examples[self._next_example :] if self._next_example else self._examples
-        dataset = examples.batch(self._batch, drop_remainder=True).to_iter_dataset(
+        batches = examples.batch(self._batch, drop_remainder=True).map(_scaled)
+        dataset = batches.to_iter_dataset(
             grain.ReadOptions(num_threads=_READ_THREADS, prefetch_buffer_size=_PREFETCH_BATCHES)
         )
         if self._worker_count > 0:
@@ -316,7 +317,6 @@ def make_train_iterator(
     dataset = _shard(source, process_index, process_count).shuffle(seed=shuffle_seed).repeat()
     if not keep:
         dataset = dataset.map(example)
-    dataset = dataset.map(_scaled)
     if random_flip:
         dataset = dataset.random_map(_random_flip, seed=flip_seed)
     if captions is not None:
