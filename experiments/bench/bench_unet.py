@@ -3,6 +3,7 @@
     python experiments/bench/bench_unet.py                        # both cases, a table
     python experiments/bench/bench_unet.py --peer-json peer.jsonl # plus ratios to the peer
     python experiments/bench/bench_unet.py --devices 2            # a 2-device CPU mesh
+    python experiments/bench/bench_unet.py --malloc default       # glibc's malloc untouched
 
 Cases (the networks of ../shared/peers/README.md, built with diffjax.models.UNet):
   ddpm-cifar  DDPM's CIFAR-10 U-Net, 35,746,307 params, 32x32x3, batch 16.
@@ -19,6 +20,8 @@ Each measurement runs in a fresh child process (so its peak RSS is its own): the
 step (ε-MSE, AdamW, EMA) and the compiled DDPM sampling loop, median of --steps timed calls after
 warm-up. The sampling time per step is the loop time over --sample-steps steps divided by that
 number. `--peer-json` takes the JSON lines of diffusers_cpu_bench.py --json and prints ratios.
+Workers set glibc's malloc as the command line does (`diffjax.cli.keep_freed_memory`);
+`--malloc default` leaves it as glibc ships it.
 `--devices N` gives the process N CPU devices (`jax_num_cpu_devices`, as `diffjax.main
 --cpu_devices`) and splits the batch over a mesh of them.
 """
@@ -108,6 +111,9 @@ def worker(
 ) -> dict:
     import jax
 
+    from diffjax import cli
+
+    cli.keep_freed_memory()  # as the command line does (--malloc default: glibc's own)
     if devices > 1:  # CPU: this many XLA devices in one process, the batch split over them
         jax.config.update("jax_num_cpu_devices", devices)
     import jax.numpy as jnp
@@ -196,6 +202,8 @@ def _child(args, case, mode) -> dict:
     env = dict(os.environ)
     if args.ynn_fusion:
         env["DIFFJAX_CPU_YNN_FUSION"] = args.ynn_fusion
+    if args.malloc:
+        env["DIFFJAX_MALLOC"] = args.malloc
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(MARK):
@@ -235,6 +243,11 @@ def main() -> int:
         "--ynn-fusion",
         default=None,
         help="CPU: override diffjax's YNNPACK fusion list ('default' = XLA's)",
+    )
+    ap.add_argument(
+        "--malloc",
+        default=None,
+        help="'default': glibc's malloc as it is, not diffjax's setting (cli.keep_freed_memory)",
     )
     ap.add_argument("--json", action="store_true", help="also print one JSON line per result")
     ap.add_argument("--_worker", nargs=2, help=argparse.SUPPRESS)
