@@ -5,7 +5,7 @@
 The default job: 2200 steps of batch 64 on 2x2-nearest-upsampled digits, with a U-Net that folds
 2x2 patches into channels (`model.patch_size=2`: its two levels run at 8 and 4, 64 channels each)
 and the cosine noise schedule.
-Training takes 4 min 10 s on a 2-core AMD EPYC with AVX-512 (see the README for the other CPUs)
+Training takes 4 min 00 s on a 2-core AMD EPYC with AVX-512 (see the README for the other CPUs)
 and writes recognizable digits to runs/digits/samples/ (a PNG grid every
 `train.sample_every_steps` and at the end).
 Variants: `configs/digits.py:tiny` is a seconds-long smoke-test setting used by the tests;
@@ -25,14 +25,14 @@ def get_config(arg: str | None = None):
         # folded 2x2 patches (a step ~2x cheaper than at full resolution), a higher rate, 64
         # channels at every level, and the cosine schedule (Nichol & Dhariwal 2021), which
         # spends fewer of the 1000 steps near pure noise than the linear one. With the peer's
-        # samplers at N = 512, 2400 steps of this network scored DDPM-1000 confidence 0.970 and
-        # class-balanced FD 0.79 over four draws of two training runs, the peer's 10-minute
+        # samplers at N = 512, 2200 steps of this network scored DDPM-1000 confidence 0.969 and
+        # class-balanced FD 0.85 over four draws of two training runs, the peer's 10-minute
         # model 0.962 / 0.78 (README).
         config.data.resize = "nearest"
         config.diffusion.schedule = "cosine"
         # Two levels (8 and 4; the middle blocks at 4x4): a step ~0.8x the three-level one's,
         # whose 2x2 level was many small operations, and as good per step; the time goes into
-        # steps: 2400 of them scored level with the peer (README), 2200 fit the AVX2 estimate.
+        # steps. 2400 of them scored the same as 2200 over three training runs (README).
         config.model.update(patch_size=2, base_channels=64, channel_mults=(1, 1))
         config.optim.lr = 3e-3  # 2e-3 and 5e-3 scored the same (README)
         config.train.num_steps = 2200
