@@ -38,15 +38,16 @@ def learning_rate(
     """Linear warm-up from 0 to `lr`, then constant (DDPM), or a cosine or linear decay that
     reaches `final_lr_ratio · lr` at step `decay_steps` (the run's last step) and stays there."""
     warmup = max(1, warmup_steps)
+    ramp = optax.linear_schedule(0.0, lr, warmup)  # stays at lr after the warm-up
     if schedule == "constant":
-        return optax.linear_schedule(0.0, lr, warmup)
+        return ramp
     if schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, lr, warmup, max(decay_steps, warmup + 1), end_value=final_lr_ratio * lr
         )
     if schedule == "linear":
         decay = optax.linear_schedule(lr, final_lr_ratio * lr, max(decay_steps - warmup, 1))
-        return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+        return optax.join_schedules([ramp, decay], [warmup])
     raise ValueError(f"unknown learning-rate schedule {schedule!r}; choose one of {LR_SCHEDULES}")
 
 

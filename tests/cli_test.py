@@ -1,4 +1,5 @@
-"""Bad input through the real CLI: one line naming what is wrong, exit code 2, nothing lost."""
+"""Bad input through the real CLI: one line naming what is wrong, exit code 2, nothing lost;
+and the process setting the entry points apply as they start (glibc's malloc)."""
 
 import os
 import platform
