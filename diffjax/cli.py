@@ -17,7 +17,7 @@ import ml_collections
 # Exit codes (the CLI convention): success, a failure while running, bad input from the user.
 OK, RUNTIME_FAILURE, BAD_INPUT = 0, 1, 2
 VERBOSE_ENV = "DIFFJAX_VERBOSE"  # =1: full tracebacks, for bug reports (same as --verbose)
-MALLOC_ENV = "DIFFJAX_MALLOC"  # =default: leave glibc's malloc as it is (see keep_freed_memory)
+MALLOC_ENV = "DIFFJAX_MALLOC"  # tuned (= unset) | default: glibc as it is (keep_freed_memory)
 # glibc's mallopt parameters (malloc.h) and the values the entry points set: blocks up to
 # 256 MiB come from the heap, and up to 1 GiB of freed heap is kept for reuse.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -46,7 +46,10 @@ def start(argv: list[str]) -> None:
         fail(f"unexpected arguments: {argv[1:]} (flags are --name=value)", BAD_INPUT)
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("diffjax").setLevel(logging.INFO)
-    keep_freed_memory()
+    try:
+        keep_freed_memory()
+    except ValueError as e:
+        fail(str(e), BAD_INPUT)
 
 
 def keep_freed_memory() -> bool:
@@ -58,8 +61,14 @@ def keep_freed_memory() -> bool:
     (experiments/bench/bench_unet.py --malloc). The cost: freed memory stays with the process,
     up to TRIM_THRESHOLD. Returns whether the settings were applied: not on other C libraries,
     nor with DIFFJAX_MALLOC=default.
+
+    Raises:
+      ValueError: DIFFJAX_MALLOC is neither unset, 'tuned' nor 'default'.
     """
-    if os.environ.get(MALLOC_ENV) == "default" or platform.libc_ver()[0] != "glibc":
+    value = os.environ.get(MALLOC_ENV, "tuned")
+    if value not in ("tuned", "default"):
+        raise ValueError(f"{MALLOC_ENV}={value!r}: use 'tuned' (the same as unset) or 'default'")
+    if value == "default" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(None)
     return bool(

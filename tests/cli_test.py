@@ -165,3 +165,16 @@ def test_start_sets_the_allocator(monkeypatch):
     monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
     cli.start(["diffjax.main"])
     assert calls == [1]
+
+
+def test_unknown_malloc_setting_is_refused(tmp_path):
+    env = {**os.environ, "DIFFJAX_MALLOC": "fast"}
+    res = subprocess.run(
+        _cmd("--config", TINY, f"--workdir={tmp_path / 'work'}"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "DIFFJAX_MALLOC='fast': use 'tuned'" in res.stderr
+    assert not (tmp_path / "work").exists()  # refused before anything was written
