@@ -14,7 +14,9 @@ CPU the 1000-step rows take most of the time (~6-10 min at N = 512); `--samplers
 about 30 s. `--seeds 0,1,2` draws each sampler's N images under several sampling seeds (seed s
 > 0 written to `peer_<sampler>_s<s>.npz`) and adds their mean: at N = 512 one draw's FD moves by
 several tenths and its class KL by ~0.01 from one seed to another (README), and the peer's files
-are one draw each; `--saved` scores the draws an earlier run wrote instead of drawing again.
+are one draw each; `--saved` scores the draws an earlier run wrote instead of drawing again;
+`--peer-dir` scores another folder of files in the peer's format instead of the shared ones,
+e.g. the peer's recipe retrained under other seeds by `experiments/peer_train.py`.
 After the table come real train digits scored the same way (`--real-draws` draws of N: their
 mean and range, what a perfect model's draws would score) and, for every row's images, the mean
 distance to the nearest test digit and to the nearest of as many train digits
@@ -131,6 +133,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None, help="A digits workdir; omit for peer rows.")
     parser.add_argument(
+        "--peer-dir",
+        default=PEER_DIR,
+        help="Folder of peer sample files (default: the shared peer's; experiments/peer_train.py "
+        "writes more in the same format).",
+    )
+    parser.add_argument(
         "--config", default="", help="Variant of configs/digits.py (default: the run's own config)."
     )
     parser.add_argument("--num", type=int, default=512, help="diffjax samples per sampler.")
@@ -171,7 +179,7 @@ def main() -> None:
     print("| images | N | confidence | coverage | class KL | FD | FD, class-balanced |")
     print("|---|---|---|---|---|---|---|")
     nearest = []  # (row name, images) for the nearest-digit table
-    for path in sorted(glob.glob(os.path.join(PEER_DIR, "*.npz"))):
+    for path in sorted(glob.glob(os.path.join(args.peer_dir, "*.npz"))):
         with np.load(path) as npz:
             peer = npz["x"][..., None]
         name = f"peer {os.path.basename(path)[len('diffusers_digits_') : -4]}"
