@@ -9,7 +9,7 @@ it in the peer's own virtualenv (`../shared/peers/README.md`), not the project's
 
     ~/peer_env/bin/pip install torch==2.13.0 diffusers scikit-learn
     ~/peer_env/bin/python experiments/peer_train.py --seed 1 --out runs/peer
-    python experiments/peer_quality.py --peer-dir runs/peer --samplers ddpm1000
+    python experiments/peer_quality.py --peer-dir runs/peer --resize nearest
 
 The recipe: all 1797 digits of `sklearn.datasets.load_digits`, scaled to uint8 as diffjax's
 builder does, nearest 2x2 upsampling to 16x16, one channel, in [-1, 1]; `UNet2DModel` 16x16x1,
