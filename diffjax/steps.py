@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable
 from typing import Any
@@ -159,6 +160,30 @@ def jit_train_step(step, mesh: jax.sharding.Mesh, abstract_state: TrainState):
         donate_argnums=0,
         compiler_options=compiler_options(),
     )
+
+
+class InFlight:
+    """At most `depth` dispatched steps not yet finished: `add(out)` takes an output of each step
+    (e.g. its loss) and, once more than `depth` are queued, waits for the oldest.
+
+    Every loop that dispatches compiled steps one after another needs one. XLA's CPU runtime
+    (jax 0.10) deadlocks when more than 32 programs with collectives are queued on a device: an
+    all-reduce waits 40 s for a device whose launch cannot start, then the process aborts
+    ("Termination timeout for `all reduce ...`"). It happens with any mesh of 2 or more CPU
+    devices once the host runs far enough ahead (steps faster than the loop, a loaded machine).
+    Asynchronous dispatch gains nothing from more than a step or two ahead, on any backend.
+    """
+
+    def __init__(self, depth: int = 4):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.depth = depth
+        self._queue: collections.deque = collections.deque()
+
+    def add(self, out: Any) -> None:
+        self._queue.append(out)
+        while len(self._queue) > self.depth:
+            jax.block_until_ready(self._queue.popleft())
 
 
 def classifier_logits(model: Any, params: Any) -> Callable[[Array, Array], Array]:

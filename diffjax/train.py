@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from diffjax import build, checkpoint, config_check, data, latent_setup, sharding, tasks
+from diffjax import build, checkpoint, config_check, data, latent_setup, sharding, steps, tasks
 from diffjax.metrics import MetricWriter
 from diffjax.train_state import TrainState
 
@@ -134,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         mininterval=0.5,
     )
     pending, t0, healthy = [], time.perf_counter(), False
+    in_flight = steps.InFlight()  # XLA:CPU deadlocks with many steps queued
 
     def at(every):
         return every and step % every == 0
@@ -159,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             state, metrics = task.train_step(state, batch, setup.train_key, setup.frozen)
             step += 1
             pending.append((step, metrics["loss"]))
+            in_flight.add(metrics["loss"])
             bar.update(1)
             if at(tr.log_every_steps) or step == tr.num_steps:
                 values = _check_finite(pending, last_saved)

@@ -1,8 +1,14 @@
-"""The compiled train step: sharding invariance, a single compilation, config validation."""
+"""The compiled train step: sharding invariance, a single compilation, config validation, the
+bound on steps in flight."""
+
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from configs import digits
 from diffjax import build, config_check, infer, schedules, sharding, steps, train_state
@@ -234,3 +240,40 @@ def test_sample_grids_reuse_one_compiled_sampler(tmp_path, compiles):
     with compiles.none_expected("the second grid"):
         images = grid(1)
     assert images.shape == (20, 8, 8, 1) and (tmp_path / "grid_1.png").exists()
+
+
+# A cheap step with an all-reduce over 8 CPU devices, dispatched 600 times. Without a bound
+# the host runs hundreds of steps ahead and XLA:CPU (jax 0.10) deadlocks once more than 32 are
+# queued on a device: the all-reduce waits, then the process aborts (here after 10 s, not 40).
+_DISPATCH = """
+import os, sys
+os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
+    "--xla_cpu_collective_call_terminate_timeout_seconds=10 "
+    "--xla_cpu_collective_call_warn_stuck_timeout_seconds=5")
+import jax, jax.numpy as jnp
+from diffjax import sharding, steps
+mesh = sharding.make_mesh(-1, 1)
+rep, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+def step(w, x):
+    g = jax.grad(lambda w: jnp.mean(jnp.tanh(x @ w) ** 2))(w)
+    return w - 0.01 * g, jnp.mean(x @ w)
+f = jax.jit(step, in_shardings=(rep, split), out_shardings=(rep, rep), donate_argnums=0)
+w, x = jax.device_put(jnp.eye(32), rep), jax.device_put(jnp.ones((64, 32)), split)
+in_flight = steps.InFlight(int(sys.argv[1]))
+for _ in range(600):
+    w, out = f(w, x)
+    in_flight.add(out)
+print("done", float(out))
+"""
+
+
+def test_in_flight_bounds_the_queue_xla_cpu_would_deadlock_on():
+    # depth 4 is what the training loop uses; 10**6 is no bound (the check that this test can
+    # fail: that run aborts on jax 0.10).
+    r = subprocess.run(
+        [sys.executable, "-c", _DISPATCH, "4"], cwd=ROOT, capture_output=True, text=True,
+        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )  # fmt: skip
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+    with pytest.raises(ValueError, match="depth"):
+        steps.InFlight(0)
